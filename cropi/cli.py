@@ -1,0 +1,104 @@
+"""The `cropi` command line (DESIGN.md §4).
+
+Exit codes: 0 ok, 2 bad input (one message naming what is wrong, no
+traceback), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from cropi.errors import InputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="cropi: influence-guided curriculum RL (CROPI).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks, reported as ratios against baselines measured in the same run.")
+app.add_typer(bench_app, name="bench")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def run(
+    job: Path = typer.Argument(..., help="job spec YAML"),
+    out: Path | None = typer.Option(None, "--out", help="run folder (default: runs/<job name>)"),
+) -> None:
+    """Run a job embedded on this machine and write its run folder."""
+    from cropi.curriculum.runner import run_job
+    from cropi.spec import load_spec
+
+    spec = load_spec(job)
+    run_dir = out or Path("runs") / spec.name
+    result = run_job(spec, run_dir, console)
+    table = Table(title=f"{spec.name}: validation accuracy (greedy)")
+    table.add_column("set")
+    table.add_column("kind")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    for name, before in result.before.items():
+        after = result.after[name]
+        kind = "targeted" if name in result.targeted else "untargeted"
+        table.add_row(name, kind, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
+    console.print(table)
+    console.print(
+        f"{result.steps} steps in {result.wallclock_s / 60:.1f} min; run folder: {result.run_dir} "
+        "(spec.yaml, metrics.jsonl, checkpoint/, tb/, curves.png)"
+    )
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(..., help="a run folder written by `cropi run`")) -> None:
+    """Redraw RUN_DIR/curves.png from RUN_DIR/metrics.jsonl."""
+    from cropi.plotting import plot_run
+
+    console.print(f"wrote {plot_run(run_dir)}")
+
+
+@bench_app.command("grpo")
+def bench_grpo(
+    job: Path = typer.Option(Path("examples/arith.yaml"), "--job", help="job spec whose model/data/rl settings are used"),
+    steps: int = typer.Option(100, "--steps", min=1, help="GRPO steps per seed"),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="number of seeds (0..N-1)"),
+    out: Path = typer.Option(Path("bench-out/grpo"), "--out", help="folder for the per-seed runs"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Targeted validation accuracy before vs after N GRPO steps, per seed."""
+    from cropi.bench.grpo import run_grpo_bench
+
+    report = run_grpo_bench(job, steps, seeds, out, console=err_console if as_json else console)
+    if as_json:
+        print(json.dumps(report))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except InputError as err:
+        # The message may contain brackets (field paths, lists): print it verbatim.
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exit_:
+        code = getattr(exit_, "exit_code", getattr(exit_, "code", 0))
+        sys.exit(code)
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
+    except Exception as err:  # click's usage errors carry their own exit code (2)
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

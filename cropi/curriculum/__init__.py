@@ -1,0 +1,1 @@
+"""The curriculum: training-prompt sampling, stage loop and the embedded run."""

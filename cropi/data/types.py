@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One training or evaluation item.
+
+    `id` is stable across runs for the same source and seed; selections and
+    offline trajectories refer to prompts by it. `verifier` names the reward
+    function (see `cropi.data.verifiers`) so that a pool may mix data sources.
+    """
+
+    id: str
+    text: str
+    answer: str
+    verifier: str = "int"
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)

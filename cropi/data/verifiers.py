@@ -1,0 +1,84 @@
+"""Rewards: `reward(prompt, response)` dispatches on `prompt.verifier`, so a
+pool may mix data sources (as verl dispatches its reward score on the data
+source). Each verifier maps (response, reference) to 0.0 or 1.0.
+
+`verifier="auto"` is resolved by the caller before Prompts are built; it is
+deliberately not a key here."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from math_verify import parse, verify
+
+from cropi.data.types import Prompt
+from cropi.errors import InputError
+
+_INT = re.compile(r"-?\d+")
+# An unescaped `$` means the reference already carries its own math delimiters.
+_MATH_DELIM = re.compile(r"(?<!\\)\$|\\boxed|\\fbox")
+_MATH_TIMEOUT_S = 5
+
+
+def int_verifier(response: str, reference: str) -> float:
+    text = response.strip()
+    if not _INT.fullmatch(text):
+        return 0.0
+    try:
+        return float(int(text) == int(reference))
+    except ValueError:  # a non-integer reference can never be matched
+        return 0.0
+
+
+def math_gold_text(reference: str) -> str:
+    """The reference rewritten so that math-verify's `parse` extracts the answer.
+
+    A bare answer such as `\\sqrt{2}` or `2, 3` must be wrapped: unwrapped,
+    math-verify finds nothing in it or grabs the last number (`3\\sqrt{2}` -> 3).
+    """
+    if "####" in reference:  # GSM8K: worked solution, then "#### 1,234"
+        return f"${reference.rsplit('####', 1)[1].strip().replace(',', '')}$"
+    if _MATH_DELIM.search(reference):  # MATH solution with \boxed{...}, or $...$
+        return reference
+    return f"${reference.strip()}$"
+
+
+def _timeout() -> int | None:
+    # math-verify times out with signal.alarm, which raises ValueError off the
+    # main thread; there we run without its timeout rather than score everything 0.
+    return _MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+@lru_cache(maxsize=65536)
+def _parse_gold(reference: str) -> tuple[Any, ...]:
+    # Each reference is scored against many responses; parse it once.
+    return tuple(parse(math_gold_text(reference), parsing_timeout=_timeout()))
+
+
+def math_verifier(response: str, reference: str) -> float:
+    try:
+        gold = _parse_gold(reference)
+        if not gold:
+            return 0.0
+        answer = parse(response, parsing_timeout=_timeout())
+        # verify is not symmetric: gold first.
+        return float(verify(list(gold), answer, timeout_seconds=_timeout()))
+    except Exception:  # a weird response must never crash training
+        return 0.0
+
+
+VERIFIERS: dict[str, Callable[[str, str], float]] = {"int": int_verifier, "math": math_verifier}
+
+
+def reward(prompt: Prompt, response: str) -> float:
+    try:
+        fn = VERIFIERS[prompt.verifier]
+    except KeyError:
+        raise InputError(
+            f"prompt {prompt.id}: unknown verifier {prompt.verifier!r} (known: {', '.join(VERIFIERS)})"
+        ) from None
+    return fn(response, prompt.answer)

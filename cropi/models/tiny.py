@@ -1,0 +1,155 @@
+"""`builtin:tiny-arith`: a ~1M-parameter Llama-architecture model with a
+character tokenizer, warm-started by a short supervised pass on arithmetic.
+
+The warm start is deliberately short: the base policy should be partly
+competent (easy prompts solved, hard ones not) so that RL has something to
+improve and prompts differ in learnability, as with a real 1.5B base model.
+The result is an ordinary HF folder cached under ``$CROPI_CACHE`` (default
+``~/.cache/cropi``) keyed by everything that determines its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import torch
+from filelock import FileLock
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from cropi.data import arith
+from cropi.errors import InputError
+from cropi.models.tokenizer import build_char_tokenizer
+
+BUILDER_VERSION = 1  # bump when the recipe changes so old caches are not reused
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 512
+    max_positions: int = 128
+    sft_steps: int = 800
+    sft_batch: int = 256
+    sft_lr: float = 2e-3
+    seed: int = 0
+
+    @classmethod
+    def from_query(cls, query: str) -> TinyRecipe:
+        fields = cls.__dataclass_fields__
+        kwargs = {}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            if key not in fields:
+                raise InputError(f"builtin:tiny-arith: unknown option {key!r}; known: {', '.join(fields)}")
+            try:
+                kwargs[key] = type(getattr(cls, key))(value)
+            except ValueError:
+                raise InputError(f"builtin:tiny-arith: option {key}={value!r} is not a valid number") from None
+        return cls(**kwargs)
+
+    def cache_key(self) -> str:
+        blob = json.dumps({"v": BUILDER_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CROPI_CACHE", Path.home() / ".cache" / "cropi"))
+
+
+def _sft_batch(tok: PreTrainedTokenizerBase, prompts: list[arith.Prompt]) -> dict[str, torch.Tensor]:
+    """Right-padded `<bos> prompt answer <eos>` with loss on the answer only."""
+    rows, labels = [], []
+    for p in prompts:
+        prompt_ids = tok(p.text)["input_ids"]
+        answer_ids = tok(p.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append(prompt_ids + answer_ids)
+        labels.append([-100] * len(prompt_ids) + answer_ids)
+    width = max(map(len, rows))
+    pad = tok.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    label_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
+
+
+def build_tiny_model(
+    recipe: TinyRecipe, out_dir: Path, progress: Callable[[int, int, float], None] | None = None
+) -> None:
+    """Initialise, warm-start and save the model + tokenizer into `out_dir`."""
+    torch.manual_seed(recipe.seed)
+    tok = build_char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=recipe.hidden,
+        num_hidden_layers=recipe.layers,
+        num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads,
+        intermediate_size=recipe.intermediate,
+        max_position_embeddings=recipe.max_positions,
+        # Untied: a tied model built under deepspeed.zero.Init initialises wrongly.
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    # SFT data comes from its own stream, never the pools' (which use job seeds).
+    data = arith.generate(recipe.sft_steps * recipe.sft_batch, seed=f"sft-{recipe.seed}")
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.sft_lr, weight_decay=0.01)
+    warmup = max(1, recipe.sft_steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, recipe.sft_steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    for step in range(recipe.sft_steps):
+        batch = _sft_batch(tok, data[step * recipe.sft_batch : (step + 1) * recipe.sft_batch])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step + 1, recipe.sft_steps, loss.item())
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / "cropi_recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+
+
+def ensure_tiny_model(
+    query: str = "", progress: Callable[[int, int, float], None] | None = None
+) -> Path:
+    """Path of the cached model for this recipe, building it on first use.
+
+    A file lock makes concurrent callers (parallel tests, two terminals)
+    build it once; the folder appears atomically by rename.
+    """
+    recipe = TinyRecipe.from_query(query)
+    root = cache_root() / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"tiny-arith-{recipe.cache_key()}"
+    with FileLock(str(final) + ".lock"):
+        if (final / "config.json").is_file():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".", dir=root))
+        try:
+            build_tiny_model(recipe, tmp, progress)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,1 @@
+"""GRPO: loss functions, batching and the single-process trainer."""

@@ -1,0 +1,193 @@
+"""The job spec: one typed model shared by `cropi run`, `cropi submit`, the
+controller API and the CurriculumJob CRD (DESIGN.md §3).
+
+Every section forbids unknown keys, so a typo is an error naming its field
+path rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cropi.errors import InputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    path: str = Field("builtin:tiny-arith", description="builtin:tiny-arith, a local HF folder or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataSource(_Section):
+    source: str = Field(description="builtin:arith?..., or a .jsonl/.parquet file or a saved HF dataset folder")
+    size: int | None = Field(None, gt=0, description="take at most this many prompts (seeded choice)")
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    verifier: Literal["auto", "int", "math"] = Field(
+        "auto", description="auto: builtin sources use int, files use math (math-verify)"
+    )
+    template: str = Field("{prompt}", description="format string applied to each prompt")
+
+
+class NamedSource(DataSource):
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _simple_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
+            raise ValueError("must be 1-63 letters, digits, '_', '.', '-' (it becomes a storage key)")
+        return v
+
+
+class DataSpec(_Section):
+    pool: DataSource = DataSource(source="builtin:arith", size=4000)
+    validation: list[NamedSource] = Field(default_factory=list)
+    untargeted: list[NamedSource] = Field(default_factory=list)
+
+
+class RolloutSpec(_Section):
+    n: int = Field(8, ge=2, description="responses per prompt (group size)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(16, gt=0)
+    engine: Literal["hf", "vllm"] = "hf"
+    batch_size: int = Field(256, gt=0, description="sequences per generation batch")
+
+
+class OfflineSpec(_Section):
+    n_pool: int = Field(8, ge=2)
+    n_valid: int = Field(32, ge=2)
+    temperature: float = Field(0.5, gt=0)
+
+
+class RLSpec(_Section):
+    lr: float = Field(1e-3, gt=0)
+    batch_prompts: int = Field(16, gt=0)
+    kl_coef: float = Field(0.001, ge=0)
+    entropy_coef: float = Field(0.001, ge=0)
+    clip_eps: float = Field(0.2, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ppo_epochs: int = Field(1, gt=0, description="optimizer passes over each rollout batch")
+    adv_eps: float = Field(1e-4, gt=0, description="std epsilon of group-normalised advantages")
+    micro_batch: int = Field(256, gt=0, description="sequences per forward/backward (gradient accumulation)")
+
+
+Selector = Literal["cropi", "full", "random", "learnability", "pass_rate", "influence_once"]
+
+
+class CurriculumSpec(_Section):
+    selector: Selector = "cropi"
+    stages: int = Field(5, gt=0)
+    steps_per_stage: int = Field(40, gt=0)
+    select_ratio: float = Field(0.1, gt=0, le=1)
+    reset_optimizer: bool = False
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="stop early once the mean targeted accuracy reaches this")
+
+
+class InfluenceSpec(_Section):
+    proj_dim: int = Field(8192, gt=0)
+    sparse_ratio: float = Field(0.1, gt=0, le=1)
+    seed: int = 0
+    max_valid_prompts: int = Field(100, gt=0)
+
+
+class EvalSpec(_Section):
+    every: int = Field(20, gt=0, description="evaluate every this many training steps")
+    max_new_tokens: int | None = Field(None, gt=0, description="defaults to rollout.max_new_tokens")
+
+
+class JobSpec(_Section):
+    name: str = "cropi-job"
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    rollout: RolloutSpec = RolloutSpec()
+    offline: OfflineSpec = OfflineSpec()
+    rl: RLSpec = RLSpec()
+    curriculum: CurriculumSpec = CurriculumSpec()
+    influence: InfluenceSpec = InfluenceSpec()
+    eval: EvalSpec = EvalSpec()
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        # Job names become Kubernetes object names and storage prefixes.
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
+            raise ValueError("must be a DNS label: lowercase letters, digits and '-', 1-63 chars")
+        return v
+
+    @property
+    def total_steps(self) -> int:
+        return self.curriculum.stages * self.curriculum.steps_per_stage
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------
+# Loading with errors that point at the offending field and line.
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node found along pydantic location `loc`."""
+    line = None
+    for key in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+    return node.start_mark.line + 1 if node is not None else line
+
+
+def format_validation_error(err: ValidationError, source: str = "spec", root: yaml.Node | None = None) -> str:
+    lines = [f"invalid job spec ({source}):"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        where = ""
+        line = _line_of(root, loc) if root is not None else None
+        if line is not None:
+            where = f" (line {line})"
+        lines.append(f"  {path}: {msg}{where}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "spec", root: yaml.Node | None = None) -> JobSpec:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"invalid job spec ({source}): the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise InputError(format_validation_error(err, source, root)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"job spec not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"job spec {path} is not valid YAML: {err}") from None
+    return parse_spec(data, str(path), root)

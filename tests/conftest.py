@@ -1,0 +1,31 @@
+"""Shared fixtures. The built-in model is built once per test session into a
+private cache with a very short warm start (seconds, not minutes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# A few SFT steps: enough for a working HF folder, not for competence.
+TEST_MODEL = "builtin:tiny-arith?sft_steps=30&sft_batch=64"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cropi_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cache = tmp_path_factory.mktemp("cropi-cache")
+    old = os.environ.get("CROPI_CACHE")
+    os.environ["CROPI_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("CROPI_CACHE", None)
+    else:
+        os.environ["CROPI_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cropi_cache: Path):
+    from cropi.models.loading import load_policy
+
+    return load_policy(TEST_MODEL)
