@@ -37,16 +37,23 @@ def run(
     spec = load_spec(job)
     run_dir = out or Path("runs") / spec.name
     result = run_job(spec, run_dir, console)
-    table = Table(title=f"{spec.name}: validation accuracy (greedy)")
+    table = Table(title=f"{spec.name}: validation accuracy")
     table.add_column("set")
     table.add_column("kind")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
+    table.add_column("greedy before", justify="right")
+    table.add_column("greedy after", justify="right")
     table.add_column("change", justify="right")
+    table.add_column("sampled before", justify="right")
+    table.add_column("sampled after", justify="right")
     for name, before in result.before.items():
         after = result.after[name]
         kind = "targeted" if name in result.targeted else "untargeted"
-        table.add_row(name, kind, f"{before:.3f}", f"{after:.3f}", f"{after - before:+.3f}")
+        b, a = before["accuracy"], after["accuracy"]
+        sb, sa = before.get("sampled_accuracy"), after.get("sampled_accuracy")
+        table.add_row(
+            name, kind, f"{b:.3f}", f"{a:.3f}", f"{a - b:+.3f}",
+            "-" if sb is None else f"{sb:.3f}", "-" if sa is None else f"{sa:.3f}",
+        )
     console.print(table)
     console.print(
         f"{result.steps} steps in {result.wallclock_s / 60:.1f} min; run folder: {result.run_dir} "

@@ -19,22 +19,25 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not (run_dir / "metrics.jsonl").is_file():
         raise InputError(f"{run_dir} is not a cropi run folder (no metrics.jsonl)")
     records = read_metrics(run_dir)
-    evals: dict[str, list[tuple[int, float, bool]]] = defaultdict(list)
+    evals: dict[str, list[dict]] = defaultdict(list)
     train: list[tuple[int, float]] = []
     for r in records:
         if r["kind"] == "eval":
-            evals[r["set"]].append((r["step"], r["accuracy"], r.get("targeted", True)))
+            evals[r["set"]].append(r)
         elif r["kind"] == "train":
             train.append((r["step"], r["reward_mean"]))
-    fig, (ax_acc, ax_rew) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, pts in sorted(evals.items()):
-        pts.sort()
-        targeted = pts[0][2]
-        ax_acc.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+    fig, (ax_acc, ax_smp, ax_rew) = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric, title in ((ax_acc, "accuracy", "greedy accuracy"), (ax_smp, "sampled_accuracy", "sampled accuracy")):
+        for i, (name, pts) in enumerate(sorted(evals.items())):
+            pts = sorted((p for p in pts if metric in p), key=lambda p: p["step"])
+            if not pts:
+                continue
+            targeted = pts[0].get("targeted", True)
+            ax.plot([p["step"] for p in pts], [p[metric] for p in pts], marker="o", ms=3, color=f"C{i}",
                     ls="-" if targeted else "--", label=f"{name}{'' if targeted else ' (untargeted)'}")
-    ax_acc.set(xlabel="training step", ylabel="greedy accuracy", title="validation", ylim=(0, 1))
-    if evals:
-        ax_acc.legend(fontsize=8)
+        ax.set(xlabel="training step", ylabel=title, title=f"validation: {title}", ylim=(0, 1))
+        if ax.lines:
+            ax.legend(fontsize=8)
     if train:
         train.sort()
         window = max(1, len(train) // 20)

@@ -77,6 +77,7 @@ class RLSpec(_Section):
     entropy_coef: float = Field(0.001, ge=0)
     clip_eps: float = Field(0.2, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(10, ge=0, description="linear learning-rate warmup (Adam's first steps are sign-like and noisy)")
     weight_decay: float = Field(0.0, ge=0)
     ppo_epochs: int = Field(1, gt=0, description="optimizer passes over each rollout batch")
     adv_eps: float = Field(1e-4, gt=0, description="std epsilon of group-normalised advantages")
@@ -105,6 +106,8 @@ class InfluenceSpec(_Section):
 class EvalSpec(_Section):
     every: int = Field(20, gt=0, description="evaluate every this many training steps")
     max_new_tokens: int | None = Field(None, gt=0, description="defaults to rollout.max_new_tokens")
+    samples: int = Field(4, ge=0, description="responses per prompt for sampled accuracy (0: greedy only)")
+    temperature: float | None = Field(None, gt=0, description="sampling temperature; defaults to rollout.temperature")
 
 
 class JobSpec(_Section):

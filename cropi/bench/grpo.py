@@ -18,6 +18,9 @@ from cropi.errors import InputError
 from cropi.spec import load_spec
 
 
+METRICS = ("accuracy", "sampled_accuracy")  # greedy, and avg@k at the rollout temperature
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -35,36 +38,30 @@ def run_grpo_bench(job: Path, steps: int, seeds: int, out: Path, console: Consol
         spec.curriculum.stages = 1
         spec.curriculum.steps_per_stage = steps
         spec.eval.every = max(1, steps // 4)
+        spec.eval.samples = max(spec.eval.samples, 1)
         console.print(f"[bold]seed {seed}[/]: {steps} GRPO steps")
         result = run_job(spec, out / f"seed-{seed}", console)
-        targeted_before = _mean([result.before[n] for n in result.targeted])
-        targeted_after = _mean([result.after[n] for n in result.targeted])
-        per_seed.append(
-            {
-                "seed": seed,
-                "targeted_before": targeted_before,
-                "targeted_after": targeted_after,
-                "per_set_before": result.before,
-                "per_set_after": result.after,
-                "wallclock_s": result.wallclock_s,
-            }
+        row = {"seed": seed, "per_set_before": result.before, "per_set_after": result.after,
+               "wallclock_s": result.wallclock_s}
+        for metric in METRICS:
+            row[f"{metric}_before"] = _mean([result.before[n][metric] for n in result.targeted])
+            row[f"{metric}_after"] = _mean([result.after[n][metric] for n in result.targeted])
+        per_seed.append(row)
+    report: dict = {"job": str(job), "steps": steps, "seeds": seeds, "per_seed": per_seed}
+    for metric in METRICS:
+        gains = [s[f"{metric}_after"] - s[f"{metric}_before"] for s in per_seed]
+        report[metric] = {
+            "before_mean": _mean([s[f"{metric}_before"] for s in per_seed]),
+            "after_mean": _mean([s[f"{metric}_after"] for s in per_seed]),
+            "gain_mean": _mean(gains),
+            "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+            "gain_min": min(gains),
+        }
+        r = report[metric]
+        console.print(
+            f"targeted {metric}: {r['before_mean']:.3f} -> {r['after_mean']:.3f} "
+            f"(gain {r['gain_mean']:+.3f} ± {r['gain_std']:.3f} over {seeds} seeds, min {r['gain_min']:+.3f})"
         )
-    gains = [s["targeted_after"] - s["targeted_before"] for s in per_seed]
-    report = {
-        "job": str(job),
-        "steps": steps,
-        "seeds": seeds,
-        "targeted_before_mean": _mean([s["targeted_before"] for s in per_seed]),
-        "targeted_after_mean": _mean([s["targeted_after"] for s in per_seed]),
-        "gain_mean": _mean(gains),
-        "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
-        "gain_min": min(gains),
-        "per_seed": per_seed,
-    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "grpo.json").write_text(json.dumps(report, indent=2))
-    console.print(
-        f"targeted accuracy {report['targeted_before_mean']:.3f} -> {report['targeted_after_mean']:.3f} "
-        f"(gain {report['gain_mean']:+.3f} ± {report['gain_std']:.3f} over {seeds} seeds, min {report['gain_min']:+.3f})"
-    )
     return report

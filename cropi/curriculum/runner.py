@@ -41,8 +41,8 @@ SUPPORTED_SELECTORS = ("full",)
 class RunResult:
     run_dir: Path
     steps: int
-    before: dict[str, float]
-    after: dict[str, float]
+    before: dict[str, dict[str, float]]  # set -> {"accuracy", "sampled_accuracy"}
+    after: dict[str, dict[str, float]]
     targeted: list[str]
     wallclock_s: float
     history: list[dict] = field(default_factory=list)
@@ -111,14 +111,20 @@ class EmbeddedRun:
     def training_prompts(self) -> list[Prompt]:
         return self.data.pool  # selector "full"
 
-    def _evaluate(self, step: int, log: MetricsLog) -> dict[str, float]:
-        acc = evaluate(self.engine, self.data.eval_sets, self.eval_tokens)
-        for name, value in acc.items():
-            log.log("eval", step, set=name, accuracy=value, targeted=name in self.data.validation)
-        targeted = [acc[n] for n in self.data.validation]
+    def _evaluate(self, step: int, log: MetricsLog) -> dict[str, dict[str, float]]:
+        ev = self.spec.eval
+        results = evaluate(
+            self.engine, self.data.eval_sets, self.eval_tokens, samples=ev.samples,
+            temperature=ev.temperature or self.spec.rollout.temperature,
+            seed=stream_seed("eval", self.spec.seed, step) % 2**63,
+        )
+        for name, metrics in results.items():
+            log.log("eval", step, set=name, targeted=name in self.data.validation, **metrics)
+        targeted = [results[n] for n in self.data.validation]
         if targeted:
-            log.log("eval_summary", step, targeted_mean=sum(targeted) / len(targeted))
-        return acc
+            summary = {f"targeted_{k}": sum(t[k] for t in targeted) / len(targeted) for k in targeted[0]}
+            log.log("eval_summary", step, **summary)
+        return results
 
     def _rollout_and_train(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
         r = self.spec.rollout
@@ -177,8 +183,8 @@ class EmbeddedRun:
         return result
 
 
-def _fmt_acc(acc: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.2f}" for k, v in acc.items()) or "-"
+def _fmt_acc(results: dict[str, dict[str, float]]) -> str:
+    return " ".join(f"{k}={v['accuracy']:.2f}" for k, v in results.items()) or "-"
 
 
 def run_job(spec: JobSpec, run_dir: Path, console: Console | None = None) -> RunResult:

@@ -43,7 +43,12 @@ class GRPOTrainer:
             ref_model.eval().requires_grad_(False)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        warmup = self.cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        return opt
 
     def reset_optimizer(self) -> None:
         self.optimizer = self._new_optimizer()
@@ -96,7 +101,8 @@ class GRPOTrainer:
                 sums["loss"] = sums.get("loss", 0.0) + loss.item() * weight
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             self.optimizer.step()
-            stats = {**sums, "grad_norm": float(grad_norm)}
+            stats = {**sums, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
+        self.scheduler.step()
         stats["reward_mean"] = reward_t.mean().item()
         stats["response_len"] = batch.response_mask.sum(-1).mean().item()
         stats["solved_groups"] = (reward_t.std(-1) == 0).logical_and(reward_t[:, 0] > 0).float().mean().item()

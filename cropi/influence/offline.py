@@ -1,0 +1,129 @@
+"""Offline trajectories: responses of the behaviour policy (the base model),
+sampled once per job and reused by every stage's influence estimate.
+
+Stored as Parquet parts under ``jobs/<job>/offline/<set>/part-<i>.parquet``,
+one row per prompt with its whole group. Each part's sampling seed depends
+only on (job seed, set, part index), so parts can be produced in any order,
+by any worker, and a part already in the store is never redone.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cropi.data.arith import stream_seed
+from cropi.data.types import Prompt
+from cropi.data.verifiers import reward
+from cropi.rollout.base import RolloutEngine, SamplingParams
+from cropi.runtime.store import ObjectStore
+
+SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("response_ids", pa.list_(pa.list_(pa.int32()))),
+        ("logprobs", pa.list_(pa.list_(pa.float32()))),
+        ("rewards", pa.list_(pa.float32())),
+        ("temperature", pa.float32()),
+    ]
+)
+
+
+@dataclass
+class OfflineGroup:
+    """One prompt's offline responses with behaviour log-probs and rewards."""
+
+    prompt_id: str
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    rewards: list[float]
+    temperature: float
+
+    @property
+    def pass_rate(self) -> float:
+        return float(np.mean(self.rewards))
+
+    @property
+    def eligible(self) -> bool:
+        """All-equal rewards give zero advantages and no gradient (DESIGN.md §2.2)."""
+        return len(set(self.rewards)) > 1
+
+
+def part_key(job: str, set_name: str, index: int) -> str:
+    return f"jobs/{job}/offline/{set_name}/part-{index:05d}.parquet"
+
+
+def _encode(groups: list[OfflineGroup]) -> bytes:
+    table = pa.table(
+        {
+            "prompt_id": [g.prompt_id for g in groups],
+            "prompt_ids": [g.prompt_ids for g in groups],
+            "response_ids": [g.response_ids for g in groups],
+            "logprobs": [g.logprobs for g in groups],
+            "rewards": [g.rewards for g in groups],
+            "temperature": [g.temperature for g in groups],
+        },
+        schema=SCHEMA,
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _decode(data: bytes) -> list[OfflineGroup]:
+    rows = pq.read_table(io.BytesIO(data)).to_pylist()
+    return [OfflineGroup(**row) for row in rows]
+
+
+def collect_offline(
+    engine: RolloutEngine,
+    store: ObjectStore,
+    job: str,
+    set_name: str,
+    prompts: Sequence[Prompt],
+    n: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    part_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Sample and store every missing part; returns how many parts were written."""
+    written = 0
+    for index, start in enumerate(range(0, len(prompts), part_size)):
+        chunk = prompts[start : start + part_size]
+        key = part_key(job, set_name, index)
+        if not store.exists(key):
+            sampling = SamplingParams(
+                temperature=temperature, max_new_tokens=max_new_tokens,
+                seed=stream_seed("offline", seed, set_name, index) % 2**63,
+            )
+            responses = engine.generate([p.text for p in chunk], n, sampling)
+            groups = [
+                OfflineGroup(
+                    prompt_id=p.id,
+                    prompt_ids=group[0].prompt_ids,
+                    response_ids=[t.response_ids for t in group],
+                    logprobs=[t.logprobs for t in group],
+                    rewards=[reward(p, t.text) for t in group],
+                    temperature=temperature,
+                )
+                for p, group in zip(chunk, responses)
+            ]
+            store.put(key, _encode(groups))
+            written += 1
+        if progress is not None:
+            progress(len(chunk))
+    return written
+
+
+def load_offline(store: ObjectStore, job: str, set_name: str) -> list[OfflineGroup]:
+    keys = store.list(f"jobs/{job}/offline/{set_name}/")
+    return [g for key in keys for g in _decode(store.get(key))]
