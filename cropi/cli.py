@@ -85,6 +85,51 @@ def bench_grpo(
         print(json.dumps(report))
 
 
+@bench_app.command("projection")
+def bench_projection(
+    dim: int = typer.Option(50_000_000, "--dim", min=1000, help="coordinates in the projected buffer"),
+    proj_dim: int = typer.Option(8192, "--proj-dim", min=1, help="k, the projected dimension"),
+    sparse_ratio: float = typer.Option(0.1, "--sparse-ratio", min=1e-6, max=1.0),
+    repeats: int = typer.Option(5, "--repeats", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """ns per coordinate of cropi's projector vs a memory pass, scikit-learn and a dense Gaussian."""
+    from cropi.bench.projection import run_projection_bench
+
+    report = run_projection_bench(dim=dim, k=proj_dim, sparse_ratio=sparse_ratio, repeats=repeats)
+    _print_report(report, as_json, "projection benchmark (ns per coordinate, ratios measured in this run)")
+
+
+@bench_app.command("popi")
+def bench_popi(
+    hidden: int = typer.Option(512, "--hidden", min=8),
+    layers: int = typer.Option(8, "--layers", min=1),
+    group: int = typer.Option(8, "--group", min=2, help="responses per prompt"),
+    response_len: int = typer.Option(256, "--response-len", min=1),
+    proj_dim: int = typer.Option(8192, "--proj-dim", min=1),
+    sparse_ratio: float = typer.Option(0.1, "--sparse-ratio", min=1e-6, max=1.0),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Time and peak memory of a projected POPI gradient vs a plain backward of the same batch."""
+    from cropi.bench.popi import run_popi_bench
+
+    report = run_popi_bench(hidden=hidden, layers=layers, group=group, response_len=response_len,
+                            proj_dim=proj_dim, sparse_ratio=sparse_ratio)
+    _print_report(report, as_json, "POPI gradient + projection vs plain backward")
+
+
+def _print_report(report: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -71,7 +71,9 @@ class OfflineSpec(_Section):
 
 
 class RLSpec(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer: sgd)")
     batch_prompts: int = Field(16, gt=0)
     kl_coef: float = Field(0.001, ge=0)
     entropy_coef: float = Field(0.001, ge=0)

@@ -4,6 +4,18 @@ character tokenizer, warm-started by a short supervised pass on arithmetic.
 The warm start is deliberately short: the base policy should be partly
 competent (easy prompts solved, hard ones not) so that RL has something to
 improve and prompts differ in learnability, as with a real 1.5B base model.
+
+It also imitates how a *pretrained* base model behaves. Its corpus is made of
+documents: add/sub/mul problems come in worksheets, where after an answer
+the next exercise often follows on a new line (`ramble_arith`), while the
+other skills mostly come alone (`ramble_other`). The base policy therefore
+sometimes runs on into a new exercise instead of stopping, and a verifier
+that wants a bare integer gives that 0 — the format lesson RLVR first
+teaches real base models. Without it, this tiny model's errors are
+idiosyncratic digit slips that RL on a mixed pool cannot fix within a CPU
+budget (measured: accuracy random-walks down); with it, part of what RL must
+learn is shared across prompts of a skill, as with real models.
+
 The result is an ordinary HF folder cached under ``$CROPI_CACHE`` (default
 ``~/.cache/cropi``) keyed by everything that determines its weights.
 """
@@ -14,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -29,7 +42,7 @@ from cropi.data import arith
 from cropi.errors import InputError
 from cropi.models.tokenizer import build_char_tokenizer
 
-BUILDER_VERSION = 1  # bump when the recipe changes so old caches are not reused
+BUILDER_VERSION = 2  # bump when the recipe changes so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,8 @@ class TinyRecipe:
     sft_steps: int = 800
     sft_batch: int = 256
     sft_lr: float = 2e-3
+    ramble_arith: float = 0.55  # P(next exercise follows) after an add/sub/mul answer
+    ramble_other: float = 0.1  # same after max/rev/sort
     seed: int = 0
 
     @classmethod
@@ -66,14 +81,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("CROPI_CACHE", Path.home() / ".cache" / "cropi"))
 
 
-def _sft_batch(tok: PreTrainedTokenizerBase, prompts: list[arith.Prompt]) -> dict[str, torch.Tensor]:
-    """Right-padded `<bos> prompt answer <eos>` with loss on the answer only."""
+ARITH_SKILLS = {"add", "sub", "mul"}
+
+
+def _sft_batch(tok: PreTrainedTokenizerBase, docs: list[list[arith.Prompt]]) -> dict[str, torch.Tensor]:
+    """Right-padded documents `<bos> p1 a1 [\\n p2 a2] <eos>`.
+
+    Loss on answers and on what follows each answer (newline or EOS), not on
+    the prompts: the model should answer, not invent exercises.
+    """
     rows, labels = [], []
-    for p in prompts:
-        prompt_ids = tok(p.text)["input_ids"]
-        answer_ids = tok(p.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append(prompt_ids + answer_ids)
-        labels.append([-100] * len(prompt_ids) + answer_ids)
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    for doc in docs:
+        row, lab = [], []
+        for i, p in enumerate(doc):
+            prompt_ids = tok(p.text, add_special_tokens=(i == 0))["input_ids"]
+            after = [tok.eos_token_id] if i == len(doc) - 1 else newline
+            answer_ids = tok(p.answer, add_special_tokens=False)["input_ids"] + after
+            row += prompt_ids + answer_ids
+            lab += [-100] * len(prompt_ids) + answer_ids
+        rows.append(row)
+        labels.append(lab)
     width = max(map(len, rows))
     pad = tok.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -105,6 +133,12 @@ def build_tiny_model(
     model = LlamaForCausalLM(config)
     # SFT data comes from its own stream, never the pools' (which use job seeds).
     data = arith.generate(recipe.sft_steps * recipe.sft_batch, seed=f"sft-{recipe.seed}")
+    followers = arith.generate(recipe.sft_steps * recipe.sft_batch, seed=f"sft-next-{recipe.seed}")
+    rng = random.Random(arith.stream_seed("sft-docs", recipe.seed))
+    docs = []
+    for first, second in zip(data, followers):
+        ramble = recipe.ramble_arith if first.meta["skill"] in ARITH_SKILLS else recipe.ramble_other
+        docs.append([first, second] if rng.random() < ramble else [first])
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.sft_lr, weight_decay=0.01)
     warmup = max(1, recipe.sft_steps // 20)
 
@@ -116,7 +150,7 @@ def build_tiny_model(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     for step in range(recipe.sft_steps):
-        batch = _sft_batch(tok, data[step * recipe.sft_batch : (step + 1) * recipe.sft_batch])
+        batch = _sft_batch(tok, docs[step * recipe.sft_batch : (step + 1) * recipe.sft_batch])
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -17,7 +17,7 @@ PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = [PAD, BOS, EOS, UNK]
 # Digits and operators first: the tasks live there. Letters and a little
 # punctuation let real-format prompts encode (rarely well, but without error).
-CHARS = string.digits + "+-*/=(),.<>?:#$\\{}^_ " + string.ascii_lowercase + string.ascii_uppercase
+CHARS = string.digits + "+-*/=(),.<>?:#$\\{}^_ \n" + string.ascii_lowercase + string.ascii_uppercase
 
 
 def build_char_tokenizer() -> PreTrainedTokenizerFast:

@@ -24,19 +24,33 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def clipped_surrogate(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped policy loss, token-mean; returns (loss, fraction clipped).
+def seq_mean_token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's tokens, then over sequences (the original GRPO, and POPI's L_x)."""
+    return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
 
-    `advantages` is per sequence [B] or per token [B, R].
+
+AGGREGATIONS = {"token-mean": masked_mean, "seq-mean-token-mean": seq_mean_token_mean}
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    loss_agg: str = "token-mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped policy loss; returns (loss, fraction of tokens clipped).
+
+    `advantages` is per sequence [B] or per token [B, R]. `loss_agg` is
+    "token-mean" (the default, DAPO/verl style) or "seq-mean-token-mean".
     """
     if advantages.dim() == 1:
         advantages = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
     unclipped = -ratio * advantages
     clipped = -torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = AGGREGATIONS[loss_agg](torch.maximum(unclipped, clipped), mask)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     return loss, clip_frac
 

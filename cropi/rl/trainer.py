@@ -43,7 +43,11 @@ class GRPOTrainer:
             ref_model.eval().requires_grad_(False)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.cfg.optimizer == "sgd":
+            opt = torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                  weight_decay=self.cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         warmup = self.cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0

@@ -1,0 +1,44 @@
+"""Validation targets and influence scores (DESIGN.md §2.4-2.5).
+
+t_j    = mean of z(y) over up to `max_valid_prompts` prompts of validation set j
+s_j(x) = cos(z(x), t_j)
+
+Ineligible prompts (all-equal offline rewards, hence no gradient) score -inf
+so that no selector can pick them by accident.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+
+from cropi.data.arith import stream_seed
+from cropi.influence.popi import ProjectedGradients
+
+
+def choose_target_prompts(prompt_ids: Sequence[str], max_prompts: int, seed: int, set_name: str) -> list[str]:
+    """The seeded subset of a validation set whose gradients define its target."""
+    ids = list(prompt_ids)
+    if len(ids) <= max_prompts:
+        return ids
+    rng = random.Random(stream_seed("target", seed, set_name))
+    return sorted(rng.sample(ids, max_prompts))
+
+
+def target_vector(grads: ProjectedGradients) -> np.ndarray:
+    """Mean projected gradient; ineligible prompts contribute zero (their gradient is zero)."""
+    return grads.vectors.mean(axis=0) if len(grads.prompt_ids) else np.zeros(0, np.float32)
+
+
+def cosine_scores(grads: ProjectedGradients, target: np.ndarray) -> np.ndarray:
+    t_norm = float(np.linalg.norm(target))
+    scores = np.full(len(grads.prompt_ids), -np.inf, dtype=np.float64)
+    if t_norm == 0:
+        return scores  # a validation set with no learnable prompt gives no direction
+    ok = grads.eligible & (grads.norms > 0)
+    scores[ok] = (grads.vectors[ok].astype(np.float64) @ target.astype(np.float64)) / (
+        grads.norms[ok].astype(np.float64) * t_norm
+    )
+    return scores
