@@ -42,7 +42,7 @@ from cropi.data import arith
 from cropi.errors import InputError
 from cropi.models.tokenizer import build_char_tokenizer
 
-BUILDER_VERSION = 2  # bump when the recipe changes so old caches are not reused
+BUILDER_VERSION = 3  # bump when the recipe changes so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class TinyRecipe:
     sft_steps: int = 800
     sft_batch: int = 256
     sft_lr: float = 2e-3
-    ramble_arith: float = 0.55  # P(next exercise follows) after an add/sub/mul answer
+    ramble_arith: float = 0.45  # P(next exercise follows) after an add/sub/mul answer
     ramble_other: float = 0.1  # same after max/rev/sort
     seed: int = 0
 
@@ -87,8 +87,10 @@ ARITH_SKILLS = {"add", "sub", "mul"}
 def _sft_batch(tok: PreTrainedTokenizerBase, docs: list[list[arith.Prompt]]) -> dict[str, torch.Tensor]:
     """Right-padded documents `<bos> p1 a1 [\\n p2 a2] <eos>`.
 
-    Loss on answers and on what follows each answer (newline or EOS), not on
-    the prompts: the model should answer, not invent exercises.
+    Loss on answers, on what follows each answer (newline or EOS) and on the
+    exercises that follow a newline (so that a base policy which runs on
+    writes a real next exercise, as a pretrained model would), but not on the
+    first prompt: that is the user's.
     """
     rows, labels = [], []
     newline = tok("\n", add_special_tokens=False)["input_ids"]
@@ -99,7 +101,7 @@ def _sft_batch(tok: PreTrainedTokenizerBase, docs: list[list[arith.Prompt]]) -> 
             after = [tok.eos_token_id] if i == len(doc) - 1 else newline
             answer_ids = tok(p.answer, add_special_tokens=False)["input_ids"] + after
             row += prompt_ids + answer_ids
-            lab += [-100] * len(prompt_ids) + answer_ids
+            lab += ([-100] * len(prompt_ids) if i == 0 else prompt_ids) + answer_ids
         rows.append(row)
         labels.append(lab)
     width = max(map(len, rows))
