@@ -118,6 +118,34 @@ def bench_popi(
     _print_report(report, as_json, "POPI gradient + projection vs plain backward")
 
 
+@bench_app.command("precision")
+def bench_precision(
+    model: str = typer.Option("builtin:tiny-arith", "--model", help="model path (as in a job spec)"),
+    pool_size: int = typer.Option(400, "--pool-size", min=10),
+    valid_size: int = typer.Option(100, "--valid-size", min=2),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="projector seeds per setting"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Precision@10% of the projected selection against exact gradients, over sparse_ratio x proj_dim."""
+    from cropi.bench.precision import run_precision_bench
+
+    report = run_precision_bench(model_path=model, pool_size=pool_size, valid_size=valid_size, seeds=seeds)
+    if as_json:
+        print(json.dumps(report))
+        return
+    table = Table(title=f"precision@{report['select_ratio']:.0%} vs exact gradients (d={report['d']}, "
+                        f"{report['eligible_pool']} eligible prompts)")
+    dims = sorted({g["proj_dim"] for g in report["grid"]})
+    table.add_column("sparse_ratio \\ k")
+    for k in dims:
+        table.add_column(str(k), justify="right")
+    for ratio in sorted({g["sparse_ratio"] for g in report["grid"]}):
+        cells = {g["proj_dim"]: g for g in report["grid"] if g["sparse_ratio"] == ratio}
+        table.add_row(str(ratio), *(f"{cells[k]['precision_mean']:.2f}±{cells[k]['precision_std']:.2f}" for k in dims))
+    console.print(table)
+    console.print(f"recommended: {report['recommended']}")
+
+
 def _print_report(report: dict, as_json: bool, title: str) -> None:
     if as_json:
         print(json.dumps(report))
