@@ -17,6 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cropi.errors import InputError
 
 
+def _require(pattern: str, value: str, message: str) -> str:
+    if not re.fullmatch(pattern, value):
+        raise ValueError(message)
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -44,9 +50,8 @@ class NamedSource(DataSource):
     @field_validator("name")
     @classmethod
     def _simple_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
-            raise ValueError("must be 1-63 letters, digits, '_', '.', '-' (it becomes a storage key)")
-        return v
+        # Set names become storage keys.
+        return _require(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v, "must be 1-63 letters, digits, '_', '.', '-'")
 
 
 class DataSpec(_Section):
@@ -132,9 +137,8 @@ class JobSpec(_Section):
     @classmethod
     def _dns_name(cls, v: str) -> str:
         # Job names become Kubernetes object names and storage prefixes.
-        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v):
-            raise ValueError("must be a DNS label: lowercase letters, digits and '-', 1-63 chars")
-        return v
+        return _require(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v,
+                        "must be a DNS label: lowercase letters, digits and '-', 1-63 chars")
 
     @property
     def total_steps(self) -> int:
