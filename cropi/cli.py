@@ -163,7 +163,7 @@ def main() -> None:
         app(standalone_mode=False)
     except InputError as err:
         # The message may contain brackets (field paths, lists): print it verbatim.
-        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False)
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exit_:
         code = getattr(exit_, "exit_code", getattr(exit_, "code", 0))
@@ -171,12 +171,13 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(1)
-    except Exception as err:  # click's usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
+    except Exception as err:
+        # Usage errors (unknown command, bad option) come from click, which
+        # typer may vendor: recognise them by their interface, exit code 2.
+        show, code = getattr(err, "show", None), getattr(err, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise
 
 
