@@ -55,10 +55,26 @@ def run(
             "-" if sb is None else f"{sb:.3f}", "-" if sa is None else f"{sa:.3f}",
         )
     console.print(table)
+    if len(result.stages) > 1 or spec.curriculum.selector != "full":
+        stages = Table(title=f"stages ({spec.curriculum.selector}): targeted greedy / sampled accuracy")
+        for col in ("stage", "eligible", "selected", "before", "after", "note"):
+            stages.add_column(col, justify="left" if col == "note" else "right")
+        for st in result.stages:
+            stages.add_row(str(st["stage"]), str(st["eligible"]), str(st["selected"]),
+                           _targeted(st["before"], result.targeted), _targeted(st["after"], result.targeted),
+                           st["note"])
+        console.print(stages)
     console.print(
         f"{result.steps} steps in {result.wallclock_s / 60:.1f} min; run folder: {result.run_dir} "
         "(spec.yaml, metrics.jsonl, checkpoint/, tb/, curves.png)"
     )
+
+
+def _targeted(results: dict[str, dict[str, float]], targeted: list[str]) -> str:
+    def mean(metric: str) -> float:
+        return sum(results[n].get(metric, float("nan")) for n in targeted) / max(1, len(targeted))
+
+    return f"{mean('accuracy'):.3f} / {mean('sampled_accuracy'):.3f}"
 
 
 @app.command()
