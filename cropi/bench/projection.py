@@ -90,7 +90,7 @@ def run_projection_bench(
         memory = min(memory, _best_seconds(lambda: torch.sum(buf), repeats)) / dim * 1e9
     finally:
         torch.set_num_threads(memory_threads)
-    del buf
+    buf = None  # free the big buffer before the sklearn runs
 
     sklearn_auto, auto_density = _sklearn_ns(sklearn_dim, k, "auto", repeats, seed)
     sklearn_matched, matched_density = _sklearn_ns(sklearn_dim, k, sparse_ratio / k, repeats, seed)
@@ -99,7 +99,7 @@ def run_projection_bench(
     vec = torch.randn(dense_dim, generator=gen)
     dense.project(vec)
     dense_ns = _best_seconds(lambda: dense.project(vec), repeats) / dense_dim * 1e9
-    del dense
+    dense = None
 
     result = {
         "dim": dim,
