@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/cropi run examples/arith.yaml --out runs/demo
+	$(VENV)/bin/cropi run examples/arith.yaml --out runs/demo --restart
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -29,13 +29,20 @@ err_console = Console(stderr=True)
 def run(
     job: Path = typer.Argument(..., help="job spec YAML"),
     out: Path | None = typer.Option(None, "--out", help="run folder (default: runs/<job name>)"),
+    restart: bool = typer.Option(False, "--restart", help="discard this job's earlier progress in the run folder"),
 ) -> None:
-    """Run a job embedded on this machine and write its run folder."""
-    from cropi.curriculum.runner import run_job
+    """Run a job embedded on this machine and write its run folder.
+
+    Running the same job into the same folder again continues where it
+    stopped (a killed run resumes after its last completed step).
+    """
+    from cropi.curriculum.runner import clear_progress, run_job
     from cropi.spec import load_spec
 
     spec = load_spec(job)
     run_dir = out or Path("runs") / spec.name
+    if restart:
+        clear_progress(spec, run_dir)
     result = run_job(spec, run_dir, console)
     table = Table(title=f"{spec.name}: validation accuracy")
     table.add_column("set")

@@ -42,3 +42,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
                     # A run killed mid-write leaves a partial last line; skip it.
                     continue
     return records
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop records after `last_step` (written by a run killed before it saved its state)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)

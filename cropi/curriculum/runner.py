@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as Progress_
 
 from cropi.curriculum.sampler import EpochSampler
+from cropi.curriculum.state import Progress, load_state, save_state
 from cropi.curriculum.selectors import NEEDS_INFLUENCE, SELECTORS, Selection, SelectionContext
 from cropi.data.arith import stream_seed
 from cropi.data.sources import JobData, load_job_data
@@ -37,7 +40,7 @@ from cropi.rollout.base import SamplingParams
 from cropi.rollout.hf import HFRolloutEngine
 from cropi.runtime.store import LocalStore
 from cropi.spec import JobSpec
-from cropi.tracking import MetricsLog
+from cropi.tracking import MetricsLog, truncate_metrics
 
 
 
@@ -75,13 +78,25 @@ def prepare_run_dir(spec: JobSpec, run_dir: Path) -> None:
     spec_file.write_text(spec.to_yaml())
 
 
+def clear_progress(spec: JobSpec, run_dir: Path) -> None:
+    """Forget a run's progress (state, store, metrics) so that it starts over.
+
+    Refuses, like a run does, when the folder holds a different job.
+    """
+    prepare_run_dir(spec, run_dir)
+    for name in ("state", "store", "tb", "checkpoint"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "summary.json", "curves.png"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def _sft_progress(console: Console):
     state = {"progress": None}
 
     def report(step: int, total: int, loss: float) -> None:
         if state["progress"] is None:
             console.print("[bold]Building the built-in tiny model[/] (first use only; cached afterwards)")
-            state["progress"] = Progress(
+            state["progress"] = Progress_(
                 TextColumn("warm start"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
                 TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
             )
@@ -110,11 +125,10 @@ class EmbeddedRun:
         self.eval_tokens = spec.eval.max_new_tokens or spec.rollout.max_new_tokens
         self.store = LocalStore(run_dir / "store")
         self.influence = InfluenceEngine(spec, self.store, self.model, self.tokenizer)
-        self._once: Selection | None = None
 
     # ----------------------------------------------------------- selection
-    def _phase_bar(self) -> tuple[Progress, Callable[[str, int, int], None]]:
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    def _phase_bar(self) -> tuple[Progress_, Callable[[str, int, int], None]]:
+        bar = Progress_(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        console=self.console, transient=True)
         tasks: dict[str, int] = {}
 
@@ -128,14 +142,25 @@ class EmbeddedRun:
     def _needs_offline(self) -> bool:
         return self.spec.curriculum.selector not in ("full", "random")
 
+    def _selection_key(self, stage: int) -> str:
+        return f"jobs/{self.spec.name}/stages/{stage}/selection.json"
+
     def select(self, stage: int) -> Selection:
-        """The prompts stage `stage` trains on; recorded in the store's selection.json."""
+        """The prompts stage `stage` trains on, recorded in the store's selection.json.
+
+        A stage whose selection is already stored (a resumed run) reuses it:
+        recomputing would score with the mid-stage policy, not the one the
+        stage started from.
+        """
         cur = self.spec.curriculum
-        selection = self._once if cur.selector == "influence_once" and self._once else self._compute_selection(stage)
-        key = f"jobs/{self.spec.name}/stages/{stage}/selection.json"
+        key = self._selection_key(stage)
+        if self.store.exists(key):
+            return Selection.from_json(json.loads(self.store.get(key)))
+        if cur.selector == "influence_once" and stage > 0:
+            selection = Selection.from_json(json.loads(self.store.get(self._selection_key(0))))
+        else:
+            selection = self._compute_selection(stage)
         self.store.put(key, json.dumps({"stage": stage, "selector": cur.selector, **selection.to_json()}).encode())
-        if cur.selector == "influence_once":
-            self._once = selection
         return selection
 
     def _compute_selection(self, stage: int) -> Selection:
@@ -187,11 +212,11 @@ class EmbeddedRun:
         return stats
 
     def run(self) -> RunResult:
-        spec, console = self.spec, self.console
+        """Run the job, or continue it from `state/latest.pt` if a previous run of it was killed."""
+        spec, console, d, cur = self.spec, self.console, self.data, self.spec.curriculum
         prepare_run_dir(spec, self.run_dir)
         start = time.perf_counter()
-        log = MetricsLog(self.run_dir)
-        d = self.data
+        progress = load_state(self.run_dir, self.model, self.trainer)
         console.print(
             f"[bold]{spec.name}[/]: pool {len(d.pool)} prompts"
             + (f" ({d.decontaminated} dropped: also in an evaluation set)" if d.decontaminated else "")
@@ -199,60 +224,77 @@ class EmbeddedRun:
             + (f", untargeted {', '.join(f'{k}={len(v)}' for k, v in d.untargeted.items())}" if d.untargeted else "")
             + f"; {spec.total_steps} GRPO steps x {spec.rl.batch_prompts} prompts x {spec.rollout.n} responses"
         )
-        before = self._evaluate(0, log)
+        if progress is None:
+            log = MetricsLog(self.run_dir)
+            progress = Progress()
+            progress.before = progress.after = progress.stage_before = self._evaluate(0, log)
+            save_state(self.run_dir, progress, self.model, self.trainer)
+        else:
+            console.print(f"[bold]resuming[/] at step {progress.step} (stage {progress.stage}, "
+                          f"{progress.step_in_stage} of its steps done)")
+            truncate_metrics(self.run_dir, progress.step)
+            log = MetricsLog(self.run_dir, append=True)
         if self._needs_offline():
             bar, report = self._phase_bar()
             with bar:
                 self.influence.collect_offline(self.engine, self.data, report)
-        by_id = {p.id: p for p in d.pool}
-        cur = spec.curriculum
-        history: list[dict] = []
-        stages: list[dict] = []
-        after = before
-        step = 0
-        for stage in range(cur.stages):
-            selection = self.select(stage)
-            prompts = [by_id[i] for i in selection.prompt_ids]
-            console.print(
-                f"stage {stage}: {cur.selector} selected {len(prompts)} of {len(d.pool)} prompts"
-                f" ({selection.eligible} eligible){'; ' + selection.note if selection.note else ''}"
-            )
-            stage_before = after
-            if not prompts:
-                console.print(f"[yellow]stage {stage}: no eligible prompt to train on; skipping its steps[/]")
-                stages.append({"stage": stage, "selected": 0, "eligible": selection.eligible,
-                               "note": "skipped: nothing eligible", "before": after, "after": after, "end_step": step})
-                continue
+        while progress.stage < cur.stages and not progress.stopped_early:
+            self._run_stage(progress, log)
+        log.close()
+        return self._finish(progress, time.perf_counter() - start)
+
+    def _run_stage(self, progress: Progress, log: MetricsLog) -> None:
+        spec, cur, stage = self.spec, self.spec.curriculum, progress.stage
+        selection = self.select(stage)
+        by_id = {p.id: p for p in self.data.pool}
+        prompts = [by_id[i] for i in selection.prompt_ids]
+        self.console.print(
+            f"stage {stage}: {cur.selector} selected {len(prompts)} of {len(self.data.pool)} prompts"
+            f" ({selection.eligible} eligible){'; ' + selection.note if selection.note else ''}"
+        )
+        if not prompts:
+            self.console.print(f"[yellow]stage {stage}: no eligible prompt to train on; skipping its steps[/]")
+        else:
             sampler = EpochSampler(prompts, spec.rl.batch_prompts, seed=f"{spec.seed}-stage{stage}")
-            with Progress(
+            with Progress_(
                 TextColumn(f"[bold]stage {stage} GRPO"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("reward {task.fields[reward]:.2f}  acc {task.fields[acc]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
             ) as bar:
-                task = bar.add_task("train", total=cur.steps_per_stage, reward=0.0, acc=_fmt_acc(after))
-                for i in range(cur.steps_per_stage):
-                    step += 1
+                task = bar.add_task("train", total=cur.steps_per_stage, completed=progress.step_in_stage,
+                                    reward=0.0, acc=_fmt_acc(progress.after))
+                while progress.step_in_stage < cur.steps_per_stage:
+                    i, step = progress.step_in_stage, progress.step + 1
                     stats = self._rollout_and_train(step, sampler.batch(i))
                     log.log("train", step, stage=stage, **stats)
-                    history.append({"step": step, "stage": stage, **stats})
+                    progress.history.append({"step": step, "stage": stage, **stats})
                     if step % spec.eval.every == 0 or i == cur.steps_per_stage - 1:
-                        after = self._evaluate(step, log)
-                    bar.update(task, advance=1, reward=stats["reward_mean"], acc=_fmt_acc(after))
-            stages.append({"stage": stage, "selected": len(prompts), "eligible": selection.eligible,
-                           "note": selection.note, "before": stage_before, "after": after, "end_step": step})
-            if cur.reset_optimizer:
-                self.trainer.reset_optimizer()
-            if cur.target_accuracy is not None and self._targeted_mean(after) >= cur.target_accuracy:
-                console.print(f"targeted accuracy reached {cur.target_accuracy}: stopping after stage {stage}")
-                break
+                        progress.after = self._evaluate(step, log)
+                    progress.step, progress.step_in_stage = step, i + 1
+                    save_state(self.run_dir, progress, self.model, self.trainer)
+                    bar.update(task, advance=1, reward=stats["reward_mean"], acc=_fmt_acc(progress.after))
+        progress.stages.append({
+            "stage": stage, "selected": len(prompts), "eligible": selection.eligible,
+            "note": selection.note or ("" if prompts else "skipped: nothing eligible"),
+            "before": progress.stage_before, "after": progress.after, "end_step": progress.step,
+        })
+        if cur.reset_optimizer:
+            self.trainer.reset_optimizer()
+        if cur.target_accuracy is not None and self._targeted_mean(progress.after) >= cur.target_accuracy:
+            self.console.print(f"targeted accuracy reached {cur.target_accuracy}: stopping after stage {stage}")
+            progress.stopped_early = True
+        progress.stage, progress.step_in_stage, progress.stage_before = stage + 1, 0, progress.after
+        save_state(self.run_dir, progress, self.model, self.trainer)
+
+    def _finish(self, progress: Progress, seconds: float) -> RunResult:
+        d = self.data
         checkpoint = self.run_dir / "checkpoint"
         self.model.save_pretrained(checkpoint)
         self.tokenizer.save_pretrained(checkpoint)
-        log.close()
         plot_run(self.run_dir)
         result = RunResult(
-            run_dir=self.run_dir, steps=step, before=before, after=after,
-            targeted=list(d.validation), wallclock_s=time.perf_counter() - start, history=history, stages=stages,
+            run_dir=self.run_dir, steps=progress.step, before=progress.before, after=progress.after,
+            targeted=list(d.validation), wallclock_s=seconds, history=progress.history, stages=progress.stages,
         )
         (self.run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
         return result

@@ -43,6 +43,10 @@ class Selection:
     eligible: int = 0  # how many pool prompts could be chosen
     note: str = ""
 
+    @classmethod
+    def from_json(cls, data: dict) -> Selection:
+        return cls(list(data["prompt_ids"]), list(data["scores"]), int(data["eligible"]), data.get("note", ""))
+
     def to_json(self) -> dict:
         return {"prompt_ids": self.prompt_ids, "scores": self.scores, "eligible": self.eligible,
                 "selected": len(self.prompt_ids), "note": self.note}

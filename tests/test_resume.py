@@ -1,0 +1,100 @@
+"""Killing `cropi run` (SIGKILL, for real) and running it again continues
+after the last completed step, with the same selections and metrics as an
+uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from .conftest import TEST_MODEL
+
+JOB = {
+    "name": "resume-test",
+    "model": {"path": TEST_MODEL},
+    "data": {
+        "pool": {"source": "builtin:arith?digits=1-2", "size": 48},
+        "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 8}],
+    },
+    "rollout": {"n": 8, "max_new_tokens": 6},
+    "offline": {"n_pool": 4, "n_valid": 4},
+    "rl": {"batch_prompts": 8, "warmup_steps": 2},
+    "curriculum": {"selector": "learnability", "stages": 2, "steps_per_stage": 6, "select_ratio": 0.5},
+    "eval": {"every": 4, "samples": 2},
+}
+TIMING = {"rollout_s", "train_s"}
+
+
+def command(job: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "cropi.cli", "run", str(job), "--out", str(out)]
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["kind"] == "train":
+            steps.append(record["step"])
+    return steps
+
+
+def comparable(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+    stages = run_dir / "store" / "jobs" / JOB["name"] / "stages"
+    selections = [json.loads((stages / str(s) / "selection.json").read_text()) for s in range(2)]
+    return records, selections
+
+
+def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tiny_model, tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(JOB))
+    env = os.environ.copy()
+
+    reference = tmp_path / "reference"
+    done = subprocess.run(command(job, reference), capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(job, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 3 for s in train_steps(killed)) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    assert 3 <= max(train_steps(killed)) < 12
+
+    resumed = subprocess.run(command(job, killed), capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+
+    steps = train_steps(killed)
+    assert steps == list(range(1, 13)), "every step exactly once in the final metrics"
+    assert comparable(killed) == comparable(reference)
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    got_summary = json.loads((killed / "summary.json").read_text())
+    assert got_summary["after"] == ref_summary["after"] and got_summary["stages"] == ref_summary["stages"]
+
+
+def test_restart_discards_progress(tiny_model, tmp_path):
+    job = tmp_path / "job.yaml"
+    small = {**JOB, "curriculum": {**JOB["curriculum"], "stages": 1, "steps_per_stage": 1}}
+    job.write_text(yaml.safe_dump(small))
+    out = tmp_path / "run"
+    first = subprocess.run(command(job, out), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(command(job, out) + ["--restart"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resuming" not in again.stdout
+    assert train_steps(out) == [1]
