@@ -78,10 +78,9 @@ def run(
 
 
 def _targeted(results: dict[str, dict[str, float]], targeted: list[str]) -> str:
-    def mean(metric: str) -> float:
-        return sum(results[n].get(metric, float("nan")) for n in targeted) / max(1, len(targeted))
+    from cropi.evaluation import targeted_mean
 
-    return f"{mean('accuracy'):.3f} / {mean('sampled_accuracy'):.3f}"
+    return f"{targeted_mean(results, targeted):.3f} / {targeted_mean(results, targeted, 'sampled_accuracy'):.3f}"
 
 
 @app.command()

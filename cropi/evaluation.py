@@ -15,6 +15,12 @@ from cropi.data.verifiers import reward
 from cropi.rollout.base import RolloutEngine, SamplingParams
 
 
+def targeted_mean(results: Mapping[str, Mapping[str, float]], targeted: Sequence[str],
+                  metric: str = "accuracy") -> float:
+    """Mean of `metric` over the targeted sets (NaN where a set lacks the metric)."""
+    return sum(results[n].get(metric, float("nan")) for n in targeted) / max(1, len(targeted))
+
+
 def evaluate(
     engine: RolloutEngine,
     sets: Mapping[str, Sequence[Prompt]],

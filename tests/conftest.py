@@ -4,12 +4,25 @@ private cache with a very short warm start (seconds, not minutes)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 # A few SFT steps: enough for a working HF folder, not for competence.
 TEST_MODEL = "builtin:tiny-arith?sft_steps=30&sft_batch=64"
+
+
+def cli_command(*args: str) -> list[str]:
+    """The `cropi` command line, run with this interpreter."""
+    return [sys.executable, "-m", "cropi.cli", *args]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run `cropi ARGS` in a subprocess (inheriting CROPI_CACHE) and capture its output."""
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=cwd, env=os.environ.copy(),
+                          timeout=600)
 
 
 @pytest.fixture(scope="session", autouse=True)

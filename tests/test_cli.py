@@ -2,15 +2,13 @@
 bad input -> one clear message on stderr, exit code 2, no traceback."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from .conftest import TEST_MODEL
+from .conftest import run_cli as cropi
 
 JOB = {
     "name": "cli-test",
@@ -25,13 +23,6 @@ JOB = {
     "curriculum": {"selector": "full", "stages": 1, "steps_per_stage": 3},
     "eval": {"every": 2},
 }
-
-
-def cropi(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cropi.cli", *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy(),
-        timeout=600,
-    )
 
 
 def write_job(tmp_path: Path, job: dict, name: str = "job.yaml") -> Path:

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from .conftest import TEST_MODEL
+from .conftest import TEST_MODEL, cli_command, run_cli
 
 JOB = {
     "name": "resume-test",
@@ -30,8 +29,8 @@ JOB = {
 TIMING = {"rollout_s", "train_s"}
 
 
-def command(job: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "cropi.cli", "run", str(job), "--out", str(out)]
+def run_args(job: Path, out: Path) -> list[str]:
+    return ["run", str(job), "--out", str(out)]
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -60,14 +59,13 @@ def comparable(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tiny_model, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(JOB))
-    env = os.environ.copy()
-
     reference = tmp_path / "reference"
-    done = subprocess.run(command(job, reference), capture_output=True, text=True, env=env, timeout=600)
+    done = run_cli(*run_args(job, reference))
     assert done.returncode == 0, done.stderr
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(job, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cli_command(*run_args(job, killed)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ.copy())
     deadline = time.time() + 300
     while time.time() < deadline and not any(s >= 3 for s in train_steps(killed)) and proc.poll() is None:
         time.sleep(0.02)
@@ -76,7 +74,7 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tiny_model, tmp_p
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     assert 3 <= max(train_steps(killed)) < 12
 
-    resumed = subprocess.run(command(job, killed), capture_output=True, text=True, env=env, timeout=600)
+    resumed = run_cli(*run_args(job, killed))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
 
@@ -93,8 +91,8 @@ def test_restart_discards_progress(tiny_model, tmp_path):
     small = {**JOB, "curriculum": {**JOB["curriculum"], "stages": 1, "steps_per_stage": 1}}
     job.write_text(yaml.safe_dump(small))
     out = tmp_path / "run"
-    first = subprocess.run(command(job, out), capture_output=True, text=True, timeout=600)
+    first = run_cli(*run_args(job, out))
     assert first.returncode == 0, first.stderr
-    again = subprocess.run(command(job, out) + ["--restart"], capture_output=True, text=True, timeout=600)
+    again = run_cli(*run_args(job, out), "--restart")
     assert again.returncode == 0 and "resuming" not in again.stdout
     assert train_steps(out) == [1]

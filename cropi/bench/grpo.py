@@ -15,6 +15,7 @@ from rich.console import Console
 
 from cropi.curriculum.runner import run_job
 from cropi.errors import InputError
+from cropi.evaluation import targeted_mean
 from cropi.spec import load_spec
 
 
@@ -44,8 +45,8 @@ def run_grpo_bench(job: Path, steps: int, seeds: int, out: Path, console: Consol
         row = {"seed": seed, "per_set_before": result.before, "per_set_after": result.after,
                "wallclock_s": result.wallclock_s}
         for metric in METRICS:
-            row[f"{metric}_before"] = _mean([result.before[n][metric] for n in result.targeted])
-            row[f"{metric}_after"] = _mean([result.after[n][metric] for n in result.targeted])
+            row[f"{metric}_before"] = targeted_mean(result.before, result.targeted, metric)
+            row[f"{metric}_after"] = targeted_mean(result.after, result.targeted, metric)
         per_seed.append(row)
     report: dict = {"job": str(job), "steps": steps, "seeds": seeds, "per_seed": per_seed}
     for metric in METRICS:

@@ -1,10 +1,10 @@
 """The embedded run: everything in one process, the loop of `cropi run`.
 
-    load data and policy -> evaluate -> [rollout -> reward -> GRPO step]*
-    -> periodic evaluation -> checkpoint, metrics, curves, summary
+    load data and policy -> evaluate -> offline trajectories (if the selector
+    needs them) -> per stage: select -> [rollout -> reward -> GRPO step]* with
+    periodic evaluation -> checkpoint, metrics, curves, summary
 
-Selection (which prompts each stage trains on) is the curriculum's job; this
-loop only asks `training_prompts()` for them.
+Which prompts a stage trains on is the selector's job (`selectors.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from cropi.data.sources import JobData, load_job_data
 from cropi.data.types import Prompt
 from cropi.data.verifiers import reward
 from cropi.errors import InputError
-from cropi.evaluation import evaluate
+from cropi.evaluation import evaluate, targeted_mean
 from cropi.influence.engine import POOL, InfluenceEngine
 from cropi.models.loading import load_policy
 from cropi.plotting import plot_run
@@ -43,7 +43,6 @@ from cropi.spec import JobSpec
 from cropi.tracking import MetricsLog, truncate_metrics
 
 
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -52,7 +51,6 @@ class RunResult:
     after: dict[str, dict[str, float]]
     targeted: list[str]
     wallclock_s: float
-    history: list[dict] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -188,14 +186,11 @@ class EmbeddedRun:
         )
         for name, metrics in results.items():
             log.log("eval", step, set=name, targeted=name in self.data.validation, **metrics)
-        targeted = [results[n] for n in self.data.validation]
+        targeted = list(self.data.validation)
         if targeted:
-            summary = {f"targeted_{k}": sum(t[k] for t in targeted) / len(targeted) for k in targeted[0]}
-            log.log("eval_summary", step, **summary)
+            metrics = results[targeted[0]]
+            log.log("eval_summary", step, **{f"targeted_{m}": targeted_mean(results, targeted, m) for m in metrics})
         return results
-
-    def _targeted_mean(self, results: dict[str, dict[str, float]]) -> float:
-        return _targeted_mean_of(results, list(self.data.validation))
 
     def _rollout_and_train(self, step: int, prompts: list[Prompt]) -> dict[str, float]:
         r = self.spec.rollout
@@ -267,7 +262,6 @@ class EmbeddedRun:
                     i, step = progress.step_in_stage, progress.step + 1
                     stats = self._rollout_and_train(step, sampler.batch(i))
                     log.log("train", step, stage=stage, **stats)
-                    progress.history.append({"step": step, "stage": stage, **stats})
                     if step % spec.eval.every == 0 or i == cur.steps_per_stage - 1:
                         progress.after = self._evaluate(step, log)
                     progress.step, progress.step_in_stage = step, i + 1
@@ -280,7 +274,7 @@ class EmbeddedRun:
         })
         if cur.reset_optimizer:
             self.trainer.reset_optimizer()
-        if cur.target_accuracy is not None and self._targeted_mean(progress.after) >= cur.target_accuracy:
+        if cur.target_accuracy is not None and targeted_mean(progress.after, list(self.data.validation)) >= cur.target_accuracy:
             self.console.print(f"targeted accuracy reached {cur.target_accuracy}: stopping after stage {stage}")
             progress.stopped_early = True
         progress.stage, progress.step_in_stage, progress.stage_before = stage + 1, 0, progress.after
@@ -294,14 +288,10 @@ class EmbeddedRun:
         plot_run(self.run_dir)
         result = RunResult(
             run_dir=self.run_dir, steps=progress.step, before=progress.before, after=progress.after,
-            targeted=list(d.validation), wallclock_s=seconds, history=progress.history, stages=progress.stages,
+            targeted=list(d.validation), wallclock_s=seconds, stages=progress.stages,
         )
         (self.run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
         return result
-
-
-def _targeted_mean_of(results: dict[str, dict[str, float]], targeted: list[str]) -> float:
-    return sum(results[n]["accuracy"] for n in targeted) / max(1, len(targeted))
 
 
 def _fmt_acc(results: dict[str, dict[str, float]]) -> str:

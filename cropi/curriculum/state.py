@@ -27,7 +27,6 @@ class Progress:
     after: dict[str, Any] = field(default_factory=dict)  # latest evaluation
     stage_before: dict[str, Any] = field(default_factory=dict)  # evaluation when the stage started
     stages: list[dict] = field(default_factory=list)  # finished stages' summaries
-    history: list[dict] = field(default_factory=list)  # per-step training stats
     stopped_early: bool = False
 
 

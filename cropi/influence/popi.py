@@ -64,7 +64,7 @@ class ProjectedGradients:
 class POPIProjector:
     """Projects per-prompt POPI gradients of `model` with `projector`.
 
-    `projector` needs `new_accumulator()` returning an object with
+    `projector` needs `dim` and `new_accumulator()` returning an object with
     `add(name, grad)` and `result() -> torch.Tensor [k]`.
     """
 
@@ -110,20 +110,15 @@ class POPIProjector:
     ) -> ProjectedGradients:
         was_training = self.model.training
         self.model.eval()  # no dropout: the gradient must be a function of theta alone
-        dim = None
         rows: list[torch.Tensor | None] = []
         try:
             for group in groups:
-                z = self.project_group(group)
-                if z is not None:
-                    dim = z.numel()
-                rows.append(z)
+                rows.append(self.project_group(group))
                 if progress is not None:
                     progress(1)
         finally:
             self.model.train(was_training)
-        dim = dim or self.projector.dim
-        vectors = np.zeros((len(groups), dim), dtype=np.float32)
+        vectors = np.zeros((len(groups), self.projector.dim), dtype=np.float32)
         for i, z in enumerate(rows):
             if z is not None:
                 vectors[i] = z.detach().cpu().numpy()
