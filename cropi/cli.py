@@ -107,6 +107,28 @@ def bench_grpo(
         print(json.dumps(report))
 
 
+@bench_app.command("acceleration")
+def bench_acceleration(
+    job: Path = typer.Option(Path("examples/arith.yaml"), "--job", help="job spec whose model/data/rl settings are used"),
+    seeds: int | None = typer.Option(None, "--seeds", min=1, help="seeds 0..N-1 (default 3; 1 with --quick)"),
+    quick: bool = typer.Option(False, "--quick", help="smoke-sized run: 1 seed, smaller pool and schedule"),
+    selector: list[str] | None = typer.Option(None, "--selector", help="run only these selectors (repeat; full is required)"),
+    metric: str = typer.Option("sampled_accuracy", "--metric",
+                               help="sampled_accuracy (avg@k at the rollout temperature) or accuracy (greedy)"),
+    out: Path = typer.Option(Path("bench-out/acceleration"), "--out", help="folder for the runs, acceleration.json/png"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Steps and wall-clock each selector needs to reach full-dataset GRPO's final targeted accuracy."""
+    from cropi.bench.acceleration import run_acceleration_bench
+
+    if metric not in ("sampled_accuracy", "accuracy"):
+        raise InputError(f"--metric: {metric!r} is not one of sampled_accuracy, accuracy")
+    report = run_acceleration_bench(job, out, err_console if as_json else console, seeds=seeds, quick=quick,
+                                    selectors=selector, metric=metric)
+    if as_json:
+        print(json.dumps(report))
+
+
 @bench_app.command("projection")
 def bench_projection(
     dim: int = typer.Option(50_000_000, "--dim", min=1000, help="coordinates in the projected buffer"),

@@ -42,3 +42,13 @@ def tiny_model(cropi_cache: Path):
     from cropi.models.loading import load_policy
 
     return load_policy(TEST_MODEL)
+
+
+@pytest.fixture
+def mixed_rewards(monkeypatch):
+    # The barely trained test model solves nothing; a deterministic stand-in
+    # verifier gives mixed rewards so that selection has something to choose.
+    fake = lambda p, text: float(sum(map(ord, text)) % 3 == 0)  # noqa: E731
+    monkeypatch.setattr("cropi.influence.offline.reward", fake)
+    monkeypatch.setattr("cropi.curriculum.runner.reward", fake)
+    monkeypatch.setattr("cropi.evaluation.reward", fake)

@@ -26,7 +26,7 @@ JOB = {
     "curriculum": {"selector": "learnability", "stages": 2, "steps_per_stage": 6, "select_ratio": 0.5},
     "eval": {"every": 4, "samples": 2},
 }
-TIMING = {"rollout_s", "train_s"}
+TIMING = {"rollout_s", "train_s", "seconds"}  # measurements, not results
 
 
 def run_args(job: Path, out: Path) -> list[str]:
@@ -53,6 +53,7 @@ def comparable(run_dir: Path) -> tuple[list[dict], list[dict]]:
     records = [{k: v for k, v in r.items() if k not in TIMING} for r in records]
     stages = run_dir / "store" / "jobs" / JOB["name"] / "stages"
     selections = [json.loads((stages / str(s) / "selection.json").read_text()) for s in range(2)]
+    selections = [{k: v for k, v in sel.items() if k not in TIMING} for sel in selections]
     return records, selections
 
 

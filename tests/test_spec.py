@@ -25,6 +25,7 @@ def test_an_empty_spec_gets_the_design_defaults():
 def test_the_example_job_loads():
     spec = load_spec("examples/arith.yaml")
     assert spec.data.validation, "the demo must evaluate on targeted validation sets"
+    assert spec.curriculum.selector == "cropi" and spec.curriculum.stages > 1, "the main job is a CROPI curriculum"
 
 
 def test_spec_round_trips_through_yaml(tmp_path):

@@ -156,8 +156,12 @@ class EmbeddedRun:
             return Selection.from_json(json.loads(self.store.get(key)))
         if cur.selector == "influence_once" and stage > 0:
             selection = Selection.from_json(json.loads(self.store.get(self._selection_key(0))))
+            selection.seconds = 0.0  # reusing stage 0's choice costs nothing
+            selection.note = "stage 0's selection, kept"
         else:
+            t0 = time.perf_counter()
             selection = self._compute_selection(stage)
+            selection.seconds = time.perf_counter() - t0
         self.store.put(key, json.dumps({"stage": stage, "selector": cur.selector, **selection.to_json()}).encode())
         return selection
 
@@ -176,6 +180,20 @@ class EmbeddedRun:
             assert scores.prompt_ids == ids
             ctx.scores, ctx.eligible = scores.scores, scores.eligible
         return SELECTORS[cur.selector](ctx)
+
+    def _offline_timing_key(self) -> str:
+        return f"jobs/{self.spec.name}/offline/timing.json"
+
+    def _collect_offline(self) -> None:
+        """Offline trajectories (loaded if stored); their cost is kept beside them for wall-clock accounting."""
+        bar, report = self._phase_bar()
+        t0 = time.perf_counter()
+        with bar:
+            self.influence.collect_offline(self.engine, self.data, report)
+        key = self._offline_timing_key()
+        if not self.store.exists(key):
+            # A collection resumed after a kill records only its remaining part.
+            self.store.put(key, json.dumps({"seconds": time.perf_counter() - t0}).encode())
 
     def _evaluate(self, step: int, log: MetricsLog) -> dict[str, dict[str, float]]:
         ev = self.spec.eval
@@ -230,9 +248,7 @@ class EmbeddedRun:
             truncate_metrics(self.run_dir, progress.step)
             log = MetricsLog(self.run_dir, append=True)
         if self._needs_offline():
-            bar, report = self._phase_bar()
-            with bar:
-                self.influence.collect_offline(self.engine, self.data, report)
+            self._collect_offline()
         while progress.stage < cur.stages and not progress.stopped_early:
             self._run_stage(progress, log)
         log.close()

@@ -42,14 +42,16 @@ class Selection:
     scores: list[float] = field(default_factory=list)  # the selector's own score, aligned with prompt_ids
     eligible: int = 0  # how many pool prompts could be chosen
     note: str = ""
+    seconds: float = 0.0  # compute time of this selection (influence scoring included)
 
     @classmethod
     def from_json(cls, data: dict) -> Selection:
-        return cls(list(data["prompt_ids"]), list(data["scores"]), int(data["eligible"]), data.get("note", ""))
+        return cls(list(data["prompt_ids"]), list(data["scores"]), int(data["eligible"]), data.get("note", ""),
+                   float(data.get("seconds", 0.0)))
 
     def to_json(self) -> dict:
         return {"prompt_ids": self.prompt_ids, "scores": self.scores, "eligible": self.eligible,
-                "selected": len(self.prompt_ids), "note": self.note}
+                "selected": len(self.prompt_ids), "note": self.note, "seconds": self.seconds}
 
 
 def _rng(ctx: SelectionContext, name: str) -> random.Random:
