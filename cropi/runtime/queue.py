@@ -1,0 +1,214 @@
+"""The task bus: one Redis stream + consumer group per task kind (DESIGN.md §6).
+
+Delivery is at-least-once. A task stays in its group's pending list until a
+worker acknowledges it; a worker that dies leaves it there, and after
+`visibility_timeout_s` of silence any worker reclaims it (`XAUTOCLAIM`).
+A task that has been handed out `max_attempts` times without success goes to
+the dead-letter stream instead of being retried forever.
+
+Results are exactly-once: the first result written for a task id wins
+(`SET NX`) and later duplicates of the same task only acknowledge. Handlers
+must still be idempotent, since a reclaimed task may run twice; the stores
+they write to make that cheap (same key, same bytes).
+
+Keys (prefix `cropi` by default):
+
+    <p>:tasks:<kind>          stream of tasks            group <p>:workers
+    <p>:dead:<kind>           dead-letter stream
+    <p>:attempts:<kind>       hash task id -> deliveries
+    <p>:result:<task id>      JSON result (first writer wins)
+    <p>:submitted:<task id>   marker that makes submit idempotent
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+GROUP = "workers"
+
+
+@dataclass
+class Task:
+    kind: str
+    task_id: str
+    payload: dict[str, Any]
+    entry_id: str  # the stream entry currently carrying it
+    attempt: int  # 1 on first delivery
+
+
+class TaskBus:
+    def __init__(self, client: redis.Redis, prefix: str = "cropi", visibility_timeout_s: float = 60.0,
+                 max_attempts: int = 3):
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.r = client
+        self.prefix = prefix
+        self.visibility_ms = int(visibility_timeout_s * 1000)
+        self.max_attempts = max_attempts
+        self._groups: set[str] = set()
+
+    # ---------------------------------------------------------------- keys
+    def stream(self, kind: str) -> str:
+        return f"{self.prefix}:tasks:{kind}"
+
+    def dead_stream(self, kind: str) -> str:
+        return f"{self.prefix}:dead:{kind}"
+
+    def _attempts(self, kind: str) -> str:
+        return f"{self.prefix}:attempts:{kind}"
+
+    def _result(self, task_id: str) -> str:
+        return f"{self.prefix}:result:{task_id}"
+
+    def _ensure_group(self, kind: str) -> None:
+        if kind in self._groups:
+            return
+        try:
+            self.r.xgroup_create(self.stream(kind), GROUP, id="0", mkstream=True)
+        except redis.ResponseError as err:
+            if "BUSYGROUP" not in str(err):
+                raise
+        self._groups.add(kind)
+
+    # ------------------------------------------------------------ producer
+    def submit(self, kind: str, task_id: str, payload: dict[str, Any]) -> bool:
+        """Enqueue a task once: a second submit of the same id (a restarted controller) is a no-op.
+
+        Returns True if this call enqueued it.
+        """
+        self._ensure_group(kind)
+        marker = f"{self.prefix}:submitted:{task_id}"
+        body = json.dumps(payload, sort_keys=True)
+        # MULTI/EXEC: the marker and the entry exist together or not at all.
+        pipe = self.r.pipeline(transaction=True)
+        while True:
+            try:
+                pipe.watch(marker)
+                if pipe.exists(marker):
+                    pipe.reset()
+                    return False
+                pipe.multi()
+                pipe.set(marker, "1")
+                pipe.xadd(self.stream(kind), {"task_id": task_id, "payload": body})
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                continue
+
+    # ------------------------------------------------------------ consumer
+    def claim(self, kind: str, consumer: str, block_ms: int = 1000) -> Task | None:
+        """The next task for `consumer`: a stale one first (its worker went silent), else a new one."""
+        self._ensure_group(kind)
+        task = self._reclaim(kind, consumer)
+        if task is not None:
+            return task
+        reply = self.r.xreadgroup(GROUP, consumer, {self.stream(kind): ">"}, count=1, block=block_ms)
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                task = self._deliver(kind, entry_id, fields)
+                if task is not None:
+                    return task
+        return None
+
+    def _reclaim(self, kind: str, consumer: str) -> Task | None:
+        reply = self.r.xautoclaim(self.stream(kind), GROUP, consumer, self.visibility_ms, start_id="0-0", count=1)
+        # Redis 6.2 replies [cursor, entries]; 7+ adds the ids it found deleted.
+        entries = reply[1] if len(reply) > 1 else []
+        for entry_id, fields in entries:
+            if not fields:  # trimmed from the stream while pending
+                self.r.xack(self.stream(kind), GROUP, entry_id)
+                continue
+            task = self._deliver(kind, entry_id, fields)
+            if task is not None:
+                return task
+        return None
+
+    def _deliver(self, kind: str, entry_id: Any, fields: dict) -> Task | None:
+        entry_id = _s(entry_id)
+        task_id = _s(fields[b"task_id"] if b"task_id" in fields else fields["task_id"])
+        payload = json.loads(_s(fields[b"payload"] if b"payload" in fields else fields["payload"]))
+        attempt = int(self.r.hincrby(self._attempts(kind), task_id, 1))
+        if self.r.exists(self._result(task_id)):
+            # Done already (a duplicate delivery after the result was written): just acknowledge.
+            self.r.xack(self.stream(kind), GROUP, entry_id)
+            return None
+        if attempt > self.max_attempts:
+            self._dead_letter(kind, entry_id, task_id, payload, f"gave up after {self.max_attempts} attempts")
+            return None
+        return Task(kind, task_id, payload, entry_id, attempt)
+
+    def heartbeat(self, task: Task, consumer: str) -> None:
+        """Tell the bus a long task is still alive (resets its idle time, keeps its attempt count)."""
+        self.r.xclaim(self.stream(task.kind), GROUP, consumer, 0, [task.entry_id], justid=True)
+
+    def complete(self, task: Task, result: dict[str, Any]) -> bool:
+        """Record the task's result (first writer wins) and acknowledge it. True if this result was kept."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._result(task.task_id), json.dumps(result, sort_keys=True), nx=True)
+        pipe.xack(self.stream(task.kind), GROUP, task.entry_id)
+        pipe.hdel(self._attempts(task.kind), task.task_id)
+        kept, _, _ = pipe.execute()
+        return bool(kept)
+
+    def fail(self, task: Task, error: str) -> None:
+        """A handler error: retry right away (as a fresh entry) or, out of attempts, dead-letter it."""
+        if task.attempt >= self.max_attempts:
+            self._dead_letter(task.kind, task.entry_id, task.task_id, task.payload, error)
+            return
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(self.stream(task.kind), {"task_id": task.task_id, "payload": json.dumps(task.payload, sort_keys=True)})
+        pipe.xack(self.stream(task.kind), GROUP, task.entry_id)
+        pipe.execute()
+
+    def _dead_letter(self, kind: str, entry_id: str, task_id: str, payload: dict, error: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(self.dead_stream(kind), {"task_id": task_id, "payload": json.dumps(payload, sort_keys=True),
+                                           "error": error[:2000]})
+        pipe.xack(self.stream(kind), GROUP, entry_id)
+        pipe.execute()
+
+    # --------------------------------------------------------------- reads
+    def result(self, task_id: str) -> dict[str, Any] | None:
+        raw = self.r.get(self._result(task_id))
+        return None if raw is None else json.loads(raw)
+
+    def wait(self, task_ids: Iterable[str], timeout_s: float | None = None, poll_s: float = 0.05) -> dict[str, dict]:
+        """Block until every task has a result; raise TimeoutError naming the missing ones."""
+        pending = list(task_ids)
+        results: dict[str, dict] = {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            values = self.r.mget([self._result(t) for t in pending])
+            for task_id, raw in zip(list(pending), values):
+                if raw is not None:
+                    results[task_id] = json.loads(raw)
+                    pending.remove(task_id)
+            if pending:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"no result yet for {len(pending)} task(s), e.g. {pending[:3]}")
+                time.sleep(poll_s)
+        return results
+
+    def dead_letters(self, kind: str) -> list[dict[str, str]]:
+        return [{_s(k): _s(v) for k, v in fields.items()} for _, fields in self.r.xrange(self.dead_stream(kind))]
+
+    def depth(self, kind: str) -> dict[str, int]:
+        """Waiting (not yet delivered) and pending (delivered, unacknowledged) task counts."""
+        self._ensure_group(kind)
+        info = next(g for g in self.r.xinfo_groups(self.stream(kind)) if _s(g["name"]) == GROUP)
+        lag = info.get("lag")
+        pending = int(info["pending"])
+        if lag is None:  # Redis < 7 has no lag: count entries after the group's last delivered id
+            last = _s(info["last-delivered-id"])
+            lag = len(self.r.xrange(self.stream(kind), min=f"({last}" if last != "0-0" else "-"))
+        return {"waiting": int(lag), "pending": pending}
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
