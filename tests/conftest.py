@@ -52,7 +52,7 @@ def mixed_rewards(monkeypatch):
     # verifier gives mixed rewards so that selection has something to choose.
     fake = lambda p, text: float(sum(map(ord, text)) % 3 == 0)  # noqa: E731
     monkeypatch.setattr("cropi.influence.offline.reward", fake)
-    monkeypatch.setattr("cropi.curriculum.runner.reward", fake)
+    monkeypatch.setattr("cropi.curriculum.policy.reward", fake)
     monkeypatch.setattr("cropi.evaluation.reward", fake)
 
 

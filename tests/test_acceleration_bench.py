@@ -6,7 +6,13 @@ import json
 import pytest
 from rich.console import Console
 
-from cropi.bench.acceleration import SELECTORS, Schedule, run_acceleration_bench, run_record, summarize
+from cropi.bench.acceleration import (
+    SELECTORS,
+    Schedule,
+    run_acceleration_bench,
+    run_record,
+    summarize,
+)
 from cropi.curriculum.runner import run_job
 from cropi.spec import load_spec, parse_spec
 
@@ -40,7 +46,7 @@ def bench(tmp_path_factory, tiny_model):
     # (monkeypatch is function-scoped). Same stand-in as conftest.mixed_rewards.
     mp = pytest.MonkeyPatch()
     fake = lambda p, text: float(sum(map(ord, text)) % 3 == 0)  # noqa: E731
-    for target in ("cropi.influence.offline.reward", "cropi.curriculum.runner.reward", "cropi.evaluation.reward"):
+    for target in ("cropi.influence.offline.reward", "cropi.curriculum.policy.reward", "cropi.evaluation.reward"):
         mp.setattr(target, fake)
     out = tmp_path_factory.mktemp("accel")
     job = write_job(out / "job.yaml")

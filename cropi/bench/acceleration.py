@@ -31,7 +31,6 @@ from rich.table import Table
 
 from cropi.bench.acceleration_math import acceleration, mean_curve, steps_to_target
 from cropi.curriculum.runner import run_job
-from cropi.curriculum.selectors import NEEDS_INFLUENCE
 from cropi.errors import InputError
 from cropi.evaluation import targeted_mean
 from cropi.runtime.store import LocalStore

@@ -8,6 +8,7 @@ loaded, not recomputed, so a stage interrupted halfway resumes where it was.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,8 +16,15 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cropi.data.sources import JobData
-from cropi.influence.gradstore import concat, exists_projected, grads_key, load_projected, save_projected
-from cropi.influence.offline import OfflineGroup, collect_offline, load_offline
+from cropi.data.types import Prompt
+from cropi.influence.gradstore import (
+    concat,
+    exists_projected,
+    grads_key,
+    load_projected,
+    save_projected,
+)
+from cropi.influence.offline import OfflineGroup, collect_offline_part, load_offline
 from cropi.influence.popi import POPIProjector, ProjectedGradients
 from cropi.influence.projection import SparseProjector
 from cropi.influence.scoring import choose_target_prompts, cosine_scores, target_vector
@@ -41,7 +49,8 @@ class StageScores:
 
 
 class InfluenceEngine:
-    def __init__(self, spec: JobSpec, store: ObjectStore, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    def __init__(self, spec: JobSpec, store: ObjectStore, model: PreTrainedModel | None = None,
+                 tokenizer: PreTrainedTokenizerBase | None = None,
                  part_size: int = 256):
         self.spec = spec
         self.store = store
@@ -53,58 +62,101 @@ class InfluenceEngine:
         self.offline: dict[str, list[OfflineGroup]] = {}
 
     # ------------------------------------------------------------------ offline
-    def collect_offline(self, engine: RolloutEngine, data: JobData, progress: Progress | None = None) -> None:
-        """Sample (or load) the behaviour policy's trajectories for the pool and validation sets."""
-        off, job = self.spec.offline, self.spec.name
-        max_new = self.spec.rollout.max_new_tokens
-        sets = [(POOL, data.pool, off.n_pool)] + [
+    def offline_sets(self, data: JobData) -> list[tuple[str, list[Prompt], int]]:
+        """(set name, prompts, responses per prompt) for the pool and every validation set."""
+        off = self.spec.offline
+        return [(POOL, data.pool, off.n_pool)] + [
             (valid_set_name(name), prompts, off.n_valid) for name, prompts in data.validation.items()
         ]
-        for set_name, prompts, n in sets:
-            done = 0
 
-            def tick(k: int, set_name: str = set_name, total: int = len(prompts)) -> None:
-                nonlocal done
-                done += k
+    def offline_parts(self, data: JobData) -> list[tuple[str, int]]:
+        """Every (set, part index) of the offline trajectories: one task each in the services."""
+        return [(set_name, index) for set_name, prompts, _ in self.offline_sets(data)
+                for index in range(math.ceil(len(prompts) / self.part_size))]
+
+    def collect_offline_part(self, engine: RolloutEngine, data: JobData, set_name: str, index: int) -> None:
+        """Sample and store one part (no-op when stored)."""
+        off = self.spec.offline
+        _, prompts, n = next(s for s in self.offline_sets(data) if s[0] == set_name)
+        chunk = prompts[index * self.part_size : (index + 1) * self.part_size]
+        collect_offline_part(engine, self.store, self.spec.name, set_name, chunk, index, n, off.temperature,
+                             self.spec.rollout.max_new_tokens, self.spec.seed)
+
+    def collect_offline(self, engine: RolloutEngine | None, data: JobData, progress: Progress | None = None) -> None:
+        """Sample (or load) the behaviour policy's trajectories for the pool and validation sets.
+
+        With every part already stored (the services' controller), no engine is needed.
+        """
+        for set_name, prompts, _ in self.offline_sets(data):
+            for index in range(math.ceil(len(prompts) / self.part_size)):
+                if engine is not None:
+                    self.collect_offline_part(engine, data, set_name, index)
                 if progress:
-                    progress(f"offline {set_name}", done, total)
+                    progress(f"offline {set_name}", min((index + 1) * self.part_size, len(prompts)), len(prompts))
+            self.offline[set_name] = load_offline(self.store, self.spec.name, set_name)
 
-            collect_offline(engine, self.store, job, set_name, prompts, n, off.temperature, max_new,
-                            self.spec.seed, self.part_size, tick)
-            self.offline[set_name] = load_offline(self.store, job, set_name)
+    def load_offline(self, data: JobData) -> None:
+        self.collect_offline(None, data)
 
     # ------------------------------------------------------------------ stage
-    def _project_set(self, stage: int, set_name: str, groups: list[OfflineGroup],
-                     popi: POPIProjector, progress: Progress | None) -> ProjectedGradients:
-        parts = []
-        for index, start in enumerate(range(0, len(groups), self.part_size)):
-            chunk = groups[start : start + self.part_size]
-            key = grads_key(self.spec.name, stage, set_name, index)
-            if not exists_projected(self.store, key):
-                save_projected(self.store, key, popi.project_groups(chunk), self.projector.describe())
-            # Always read back: a fresh and a resumed stage then see the same (fp16) numbers.
-            parts.append(load_projected(self.store, key))
-            if progress:
-                progress(f"POPI {set_name}", min(start + len(chunk), len(groups)), len(groups))
-        return concat(parts)
+    def _stage_groups(self) -> list[tuple[str, list[OfflineGroup]]]:
+        """What a stage projects: the chosen target prompts of each validation set, then the pool."""
+        inf = self.spec.influence
+        sets = []
+        for name in (v.name for v in self.spec.data.validation):
+            set_name = valid_set_name(name)
+            groups = self.offline[set_name]
+            chosen = set(choose_target_prompts([g.prompt_id for g in groups], inf.max_valid_prompts, inf.seed, name))
+            sets.append((set_name, [g for g in groups if g.prompt_id in chosen]))
+        sets.append((POOL, self.offline[POOL]))
+        return sets
+
+    def stage_parts(self) -> list[tuple[str, int]]:
+        """Every (set, part index) a stage projects: one `project` task each in the services."""
+        return [(set_name, index) for set_name, groups in self._stage_groups()
+                for index in range(math.ceil(len(groups) / self.part_size))]
+
+    def project_part(self, stage: int, set_name: str, index: int, popi: POPIProjector) -> None:
+        """Project and store one part at the current policy (no-op when stored)."""
+        key = grads_key(self.spec.name, stage, set_name, index)
+        if exists_projected(self.store, key):
+            return
+        groups = dict(self._stage_groups())[set_name]
+        chunk = groups[index * self.part_size : (index + 1) * self.part_size]
+        save_projected(self.store, key, popi.project_groups(chunk), self.projector.describe())
+
+    def popi(self) -> POPIProjector:
+        """Gradient hooks on the model (remove them with `.close()`)."""
+        if self.model is None:
+            raise RuntimeError("this influence engine has no model: it can only read stored gradients")
+        return POPIProjector(self.model, self.projector, self.tokenizer.pad_token_id, self.spec.rl.adv_eps)
 
     def score_stage(self, stage: int, progress: Progress | None = None) -> StageScores:
-        """Cosine scores of every pool prompt against every validation target at the current policy."""
-        inf = self.spec.influence
-        popi = POPIProjector(self.model, self.projector, self.tokenizer.pad_token_id, self.spec.rl.adv_eps)
+        """Cosine scores of every pool prompt against every validation target at the current policy.
+
+        Parts already stored are read, not recomputed; with all parts stored
+        (the services' projectors wrote them) no model is needed.
+        """
+        popi = None
+        projected: dict[str, list[ProjectedGradients]] = {}
         try:
-            targets = {}
-            for name in (v.name for v in self.spec.data.validation):
-                set_name = valid_set_name(name)
-                groups = self.offline[set_name]
-                chosen = set(choose_target_prompts([g.prompt_id for g in groups], inf.max_valid_prompts,
-                                                   inf.seed, name))
-                grads = self._project_set(stage, set_name, [g for g in groups if g.prompt_id in chosen],
-                                          popi, progress)
-                targets[name] = target_vector(grads)
-            pool = self._project_set(stage, POOL, self.offline[POOL], popi, progress)
+            for set_name, groups in self._stage_groups():
+                n_parts = math.ceil(len(groups) / self.part_size)
+                for index in range(n_parts):
+                    key = grads_key(self.spec.name, stage, set_name, index)
+                    if not exists_projected(self.store, key):
+                        popi = popi or self.popi()
+                        self.project_part(stage, set_name, index, popi)
+                    # Always read back: a fresh and a resumed stage then see the same (fp16) numbers.
+                    projected.setdefault(set_name, []).append(load_projected(self.store, key))
+                    if progress:
+                        progress(f"POPI {set_name}", min((index + 1) * self.part_size, len(groups)), len(groups))
         finally:
-            popi.close()
+            if popi is not None:
+                popi.close()
+        pool = concat(projected[POOL])
+        targets = {name: target_vector(concat(projected.get(valid_set_name(name), [])))
+                   for name in (v.name for v in self.spec.data.validation)}
         return StageScores(
             prompt_ids=pool.prompt_ids,
             eligible=pool.eligible,

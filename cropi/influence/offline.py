@@ -82,6 +82,42 @@ def _decode(data: bytes) -> list[OfflineGroup]:
     return [OfflineGroup(**row) for row in rows]
 
 
+def collect_offline_part(
+    engine: RolloutEngine,
+    store: ObjectStore,
+    job: str,
+    set_name: str,
+    chunk: Sequence[Prompt],
+    index: int,
+    n: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+) -> bool:
+    """Sample and store part `index` (the prompts `chunk`) unless stored; True if it was written."""
+    key = part_key(job, set_name, index)
+    if store.exists(key):
+        return False
+    sampling = SamplingParams(
+        temperature=temperature, max_new_tokens=max_new_tokens,
+        seed=stream_seed("offline", seed, set_name, index) % 2**63,
+    )
+    responses = engine.generate([p.text for p in chunk], n, sampling)
+    groups = [
+        OfflineGroup(
+            prompt_id=p.id,
+            prompt_ids=group[0].prompt_ids,
+            response_ids=[t.response_ids for t in group],
+            logprobs=[t.logprobs for t in group],
+            rewards=[reward(p, t.text) for t in group],
+            temperature=temperature,
+        )
+        for p, group in zip(chunk, responses)
+    ]
+    store.put(key, _encode(groups))
+    return True
+
+
 def collect_offline(
     engine: RolloutEngine,
     store: ObjectStore,
@@ -99,26 +135,8 @@ def collect_offline(
     written = 0
     for index, start in enumerate(range(0, len(prompts), part_size)):
         chunk = prompts[start : start + part_size]
-        key = part_key(job, set_name, index)
-        if not store.exists(key):
-            sampling = SamplingParams(
-                temperature=temperature, max_new_tokens=max_new_tokens,
-                seed=stream_seed("offline", seed, set_name, index) % 2**63,
-            )
-            responses = engine.generate([p.text for p in chunk], n, sampling)
-            groups = [
-                OfflineGroup(
-                    prompt_id=p.id,
-                    prompt_ids=group[0].prompt_ids,
-                    response_ids=[t.response_ids for t in group],
-                    logprobs=[t.logprobs for t in group],
-                    rewards=[reward(p, t.text) for t in group],
-                    temperature=temperature,
-                )
-                for p, group in zip(chunk, responses)
-            ]
-            store.put(key, _encode(groups))
-            written += 1
+        written += collect_offline_part(engine, store, job, set_name, chunk, index, n, temperature,
+                                        max_new_tokens, seed)
         if progress is not None:
             progress(len(chunk))
     return written
