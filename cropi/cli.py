@@ -107,6 +107,57 @@ def bench_grpo(
         print(json.dumps(report))
 
 
+@app.command()
+def serve(
+    service: str = typer.Argument(..., help="controller | rollout | projector | trainer"),
+    redis_url: str | None = typer.Option(None, "--redis", help="Redis URL (default: CROPI_REDIS_URL)"),
+    store_url: str | None = typer.Option(None, "--store", help="folder or s3://bucket/prefix (default: CROPI_STORE)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="controller: address to listen on"),
+    port: int = typer.Option(8080, "--port", help="controller: port to listen on"),
+    consumer: str | None = typer.Option(None, "--name", help="worker name (default: <service>-<hostname>-<pid>)"),
+    visibility_timeout: float = typer.Option(60.0, "--visibility-timeout", min=0.1,
+                                             help="seconds of worker silence before its task is reclaimed"),
+    max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="deliveries before a task is dead-lettered"),
+) -> None:
+    """Start one service (what the containers run; the tests start them as processes)."""
+    import logging
+    import os
+    import signal
+    import socket
+    import threading
+
+    from cropi.runtime.config import open_store, redis_client
+    from cropi.runtime.jobs import JobRegistry
+    from cropi.runtime.queue import TaskBus
+
+    services = ("controller", "rollout", "projector", "trainer")
+    if service not in services:
+        raise InputError(f"serve: unknown service {service!r} (choose from {', '.join(services)})")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service} %(levelname)s %(message)s")
+    client = redis_client(redis_url)
+    store = open_store(store_url)
+    bus = TaskBus(client, visibility_timeout_s=visibility_timeout, max_attempts=max_attempts)
+    jobs = JobRegistry(client)
+    if service == "controller":
+        import importlib
+
+        token = os.environ.get("CROPI_TOKEN", "")
+        if not token and os.environ.get("CROPI_TOKEN_FILE"):
+            token = open(os.environ["CROPI_TOKEN_FILE"]).read().strip()
+        # The HTTP layer lives in services/ (deployable code); the library does not depend on it.
+        api = importlib.import_module("services.controller.api")
+        api.serve(host, port, bus, jobs, store, token)
+        return
+    from cropi.curriculum.workers import SERVICE_KINDS, Worker
+
+    name = consumer or f"{service}-{socket.gethostname()}-{os.getpid()}"
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    err_console.print(f"{service} worker {name}: consuming {', '.join(SERVICE_KINDS[service])} tasks")
+    Worker(SERVICE_KINDS[service], bus, jobs, store, name).run(stop)
+
+
 @bench_app.command("acceleration")
 def bench_acceleration(
     job: Path = typer.Option(Path("examples/arith.yaml"), "--job", help="job spec whose model/data/rl settings are used"),

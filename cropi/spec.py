@@ -193,14 +193,18 @@ def parse_spec(data: Any, source: str = "spec", root: yaml.Node | None = None) -
         raise InputError(format_validation_error(err, source, root)) from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"job spec not found: {path}")
-    text = path.read_text()
+def parse_spec_yaml(text: str, source: str = "spec") -> JobSpec:
+    """A spec from YAML text (a file's content, an API payload); errors name `source` and the line."""
     try:
         data = yaml.safe_load(text)
         root = yaml.compose(text)
     except yaml.YAMLError as err:
-        raise InputError(f"job spec {path} is not valid YAML: {err}") from None
-    return parse_spec(data, str(path), root)
+        raise InputError(f"job spec {source} is not valid YAML: {err}") from None
+    return parse_spec(data, source, root)
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"job spec not found: {path}")
+    return parse_spec_yaml(path.read_text(), str(path))

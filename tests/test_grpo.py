@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from cropi.rl.grpo import clipped_surrogate, group_advantages, grpo_loss, low_var_kl, masked_mean
+from cropi.rl.grpo import (
+    clipped_surrogate,
+    group_advantages,
+    grpo_loss,
+    low_var_kl,
+    masked_mean,
+)
 
 
 def test_advantages_are_group_normalised_with_unbiased_std():

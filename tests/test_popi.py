@@ -8,7 +8,12 @@ import torch
 
 from cropi.data import arith
 from cropi.influence.offline import OfflineGroup, collect_offline, load_offline
-from cropi.influence.popi import POPIProjector, full_flat_gradient, group_batch, popi_loss
+from cropi.influence.popi import (
+    POPIProjector,
+    full_flat_gradient,
+    group_batch,
+    popi_loss,
+)
 from cropi.influence.projection import SparseProjector
 from cropi.rl.batch import response_logits, token_logprobs
 from cropi.rl.grpo import clipped_surrogate, group_advantages

@@ -1,10 +1,10 @@
 """`run_precision_bench` on a tiny configuration: structure, ranges, determinism."""
 
+import numpy as np
+
 import cropi.influence.offline as offline
 from cropi.bench.precision import run_precision_bench, spearman
 from tests.conftest import TEST_MODEL
-
-import numpy as np
 
 
 def test_spearman_matches_hand_values():

@@ -115,3 +115,19 @@ def test_tasks_and_results_survive_a_redis_restart(redis_server):
     recovered = {bus.claim("project", "w2", block_ms=50).task_id for _ in range(2)}
     assert recovered == {"waiting", "pending"}
     assert not bus.submit("project", "done", {})  # the submit marker survived too
+
+
+def test_a_restarted_worker_takes_back_its_own_unfinished_task_at_once(bus):
+    bus.submit("train", "stage-0", {})
+    assert bus.claim("train", "trainer-0", block_ms=50).attempt == 1
+    # trainer-0 is killed and its process comes back under the same name: no visibility timeout to wait for
+    restarted = TaskBus(bus.r, visibility_timeout_s=60, max_attempts=3)
+    again = restarted.claim("train", "trainer-0", block_ms=50)
+    assert again.task_id == "stage-0" and again.attempt == 2
+
+
+def test_a_dead_lettered_task_reports_its_failure(bus):
+    bus.submit("eval", "x", {})
+    for _ in range(3):
+        bus.fail(bus.claim("eval", "w", block_ms=50), "boom")
+    assert bus.failure("x") == "boom" and bus.failure("unknown") is None

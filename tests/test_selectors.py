@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from cropi.curriculum.selectors import SELECTORS, SelectionContext, reciprocal_rank_fusion
+from cropi.curriculum.selectors import (
+    SELECTORS,
+    SelectionContext,
+    reciprocal_rank_fusion,
+)
 
 IDS = [f"{i:03d}" for i in range(20)]
 

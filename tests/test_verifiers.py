@@ -9,7 +9,13 @@ import threading
 import pytest
 
 from cropi.data.types import Prompt
-from cropi.data.verifiers import VERIFIERS, int_verifier, math_gold_text, math_verifier, reward
+from cropi.data.verifiers import (
+    VERIFIERS,
+    int_verifier,
+    math_gold_text,
+    math_verifier,
+    reward,
+)
 from cropi.errors import InputError
 
 

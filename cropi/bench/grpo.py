@@ -18,7 +18,6 @@ from cropi.errors import InputError
 from cropi.evaluation import targeted_mean
 from cropi.spec import load_spec
 
-
 METRICS = ("accuracy", "sampled_accuracy")  # greedy, and avg@k at the rollout temperature
 
 

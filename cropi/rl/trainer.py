@@ -12,7 +12,13 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from cropi.rl.batch import TokenBatch, collate, response_logits, token_entropy, token_logprobs
+from cropi.rl.batch import (
+    TokenBatch,
+    collate,
+    response_logits,
+    token_entropy,
+    token_logprobs,
+)
 from cropi.rl.grpo import group_advantages, grpo_loss
 from cropi.rollout.base import Trajectory
 from cropi.spec import RLSpec

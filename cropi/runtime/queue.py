@@ -18,6 +18,7 @@ Keys (prefix `cropi` by default):
     <p>:attempts:<kind>       hash task id -> deliveries
     <p>:result:<task id>      JSON result (first writer wins)
     <p>:submitted:<task id>   marker that makes submit idempotent
+    <p>:failed:<task id>      the error of a dead-lettered task
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class TaskBus:
         self.visibility_ms = int(visibility_timeout_s * 1000)
         self.max_attempts = max_attempts
         self._groups: set[str] = set()
+        self._recovered: set[tuple[str, str]] = set()
 
     # ---------------------------------------------------------------- keys
     def stream(self, kind: str) -> str:
@@ -105,12 +107,30 @@ class TaskBus:
     def claim(self, kind: str, consumer: str, block_ms: int = 1000) -> Task | None:
         """The next task for `consumer`: a stale one first (its worker went silent), else a new one."""
         self._ensure_group(kind)
-        task = self._reclaim(kind, consumer)
+        task = None
+        if (kind, consumer) not in self._recovered:
+            # Once per (kind, consumer) and bus instance: a restarted worker process, same name.
+            self._recovered.add((kind, consumer))
+            task = self._own_pending(kind, consumer)
+        task = task or self._reclaim(kind, consumer)
         if task is not None:
             return task
         reply = self.r.xreadgroup(GROUP, consumer, {self.stream(kind): ">"}, count=1, block=block_ms)
         for _stream, entries in reply or []:
             for entry_id, fields in entries:
+                task = self._deliver(kind, entry_id, fields)
+                if task is not None:
+                    return task
+        return None
+
+    def _own_pending(self, kind: str, consumer: str) -> Task | None:
+        """A restarted worker (same consumer name) first takes back what it held when it died."""
+        reply = self.r.xreadgroup(GROUP, consumer, {self.stream(kind): "0"}, count=10)
+        for _stream, entries in reply or []:
+            for entry_id, fields in entries:
+                if not fields:
+                    self.r.xack(self.stream(kind), GROUP, entry_id)
+                    continue
                 task = self._deliver(kind, entry_id, fields)
                 if task is not None:
                     return task
@@ -171,7 +191,13 @@ class TaskBus:
         pipe.xadd(self.dead_stream(kind), {"task_id": task_id, "payload": json.dumps(payload, sort_keys=True),
                                            "error": error[:2000]})
         pipe.xack(self.stream(kind), GROUP, entry_id)
+        pipe.set(f"{self.prefix}:failed:{task_id}", error[:2000])
         pipe.execute()
+
+    def failure(self, task_id: str) -> str | None:
+        """The error of a dead-lettered task, or None."""
+        raw = self.r.get(f"{self.prefix}:failed:{task_id}")
+        return None if raw is None else raw.decode()
 
     # --------------------------------------------------------------- reads
     def result(self, task_id: str) -> dict[str, Any] | None:

@@ -1,0 +1,216 @@
+"""The services' controller: the curriculum of `cropi run`, as a stage machine
+that emits tasks on the bus and waits for their results.
+
+    queued -> offline -> [project(s) -> select(s) -> train(s)] for each stage -> done
+
+Every transition is written to the job record (Redis, AOF) *before* the
+controller acts on it, and every action is idempotent: tasks are submitted
+under deterministic ids (a second submit is a no-op) and selections are
+stored once. A controller killed anywhere and restarted reads the phase and
+carries on; nothing is done twice.
+
+The controller never touches a model. It reads the offline trajectories and
+projected gradients the workers stored, and computes selections with the same
+code as the embedded run (`selection.select_stage`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cropi.curriculum.selection import (
+    needs_offline,
+    needs_projection,
+    select_stage,
+    stored_selection,
+)
+from cropi.curriculum.selectors import NEEDS_INFLUENCE
+from cropi.data.sources import JobData, load_job_data
+from cropi.influence.engine import InfluenceEngine
+from cropi.runtime.jobs import TERMINAL, JobRegistry
+from cropi.runtime.queue import TaskBus
+from cropi.runtime.store import ObjectStore
+from cropi.spec import JobSpec, parse_spec_yaml
+
+log = logging.getLogger(__name__)
+
+OFFLINE, PROJECT, TRAIN = "offline", "project", "train"
+
+
+def spec_key(job: str) -> str:
+    return f"jobs/{job}/spec.yaml"
+
+
+def offline_task_id(job: str, set_name: str, index: int) -> str:
+    return f"{job}:offline:{set_name}:{index}"
+
+
+def project_task_id(job: str, stage: int, set_name: str, index: int) -> str:
+    return f"{job}:project:{stage}:{set_name}:{index}"
+
+
+def train_task_id(job: str, stage: int) -> str:
+    return f"{job}:train:{stage}"
+
+
+@dataclass
+class JobView:
+    spec: JobSpec
+    data: JobData
+    influence: InfluenceEngine  # model-less: reads stored parts only
+
+
+class Controller:
+    def __init__(self, bus: TaskBus, jobs: JobRegistry, store: ObjectStore):
+        self.bus = bus
+        self.jobs = jobs
+        self.store = store
+        self._views: dict[str, JobView] = {}
+
+    # ------------------------------------------------------------ submit
+    def submit(self, spec: JobSpec) -> bool:
+        """Register the job and store its spec; True if new (a same-spec resubmit is a no-op)."""
+        text = spec.to_yaml()
+        if not self.store.exists(spec_key(spec.name)):
+            self.store.put(spec_key(spec.name), text.encode())
+        return self.jobs.create(spec.name, text)
+
+    def view(self, job: str) -> JobView:
+        if job not in self._views:
+            spec = parse_spec_yaml(self.store.get(spec_key(job)).decode(), spec_key(job))
+            self._views[job] = JobView(spec, _job_data(spec), InfluenceEngine(spec, self.store))
+        return self._views[job]
+
+    # ------------------------------------------------------------ machine
+    def active_jobs(self) -> list[str]:
+        return [n for n in self.jobs.names() if (self.jobs.get(n) or {}).get("phase") not in TERMINAL]
+
+    def tick(self) -> bool:
+        """Advance every active job as far as it can go without waiting; True if anything moved."""
+        moved = False
+        for job in self.active_jobs():
+            try:
+                while self.advance(job):
+                    moved = True
+            except Exception as err:  # a job's failure must not stop the others
+                log.exception("job %s failed", job)
+                self.jobs.update(job, phase="failed", status="failed", error=f"{type(err).__name__}: {err}")
+                self.jobs.event(job, "failed", f"{type(err).__name__}: {err}")
+                moved = True
+        return moved
+
+    def advance(self, job: str) -> bool:
+        """One transition of `job`, if its current phase is finished; False when it must wait."""
+        rec = self.jobs.get(job)
+        if rec is None or rec["phase"] in TERMINAL:
+            return False
+        if rec["cancel"]:
+            self._set(job, phase="cancelled", status="cancelled")
+            self.jobs.event(job, "cancelled", "job cancelled")
+            return False
+        phase, stage = rec["phase"], rec["stage"]
+        v = self.view(job)
+        if phase == "queued":
+            if needs_offline(v.spec):
+                self._set(job, phase=OFFLINE, status="running")
+                self._emit_offline(job, v)
+            else:
+                self._enter_stage(job, v, 0)
+            return True
+        if phase == OFFLINE:
+            self._emit_offline(job, v)  # idempotent: re-emits after a controller restart
+            if not self._all_done(job, [offline_task_id(job, s, i) for s, i in v.influence.offline_parts(v.data)]):
+                return False
+            v.influence.load_offline(v.data)
+            self.jobs.event(job, "offline_done", "offline trajectories stored")
+            self._enter_stage(job, v, 0)
+            return True
+        if phase == PROJECT:
+            self._emit_project(job, v, stage)
+            if not self._all_done(job, [project_task_id(job, stage, s, i) for s, i in v.influence.stage_parts()]):
+                return False
+            self._set(job, phase="select")
+            return True
+        if phase == "select":
+            self._select(job, v, stage)
+            self._set(job, phase=TRAIN)
+            self.bus.submit(TRAIN, train_task_id(job, stage), {"job": job, "stage": stage})
+            return True
+        if phase == TRAIN:
+            self.bus.submit(TRAIN, train_task_id(job, stage), {"job": job, "stage": stage})
+            result = self._all_done(job, [train_task_id(job, stage)], return_results=True)
+            if not result:
+                return False
+            r = result[train_task_id(job, stage)]
+            self.jobs.event(job, "stage_done", f"stage {stage} done at step {r['end_step']}", **r["summary"])
+            if r["stopped_early"] or stage + 1 >= v.spec.curriculum.stages:
+                self._set(job, phase="done", status="succeeded", step=r["end_step"])
+                self.jobs.event(job, "done", f"job {job} finished after {r['end_step']} steps")
+            else:
+                self._enter_stage(job, v, stage + 1)
+            return True
+        raise RuntimeError(f"job {job}: unknown phase {phase!r}")
+
+    # ------------------------------------------------------------ helpers
+    def _set(self, job: str, **fields) -> None:
+        self.jobs.update(job, **fields)
+
+    def _enter_stage(self, job: str, v: JobView, stage: int) -> None:
+        if needs_projection(v.spec, stage):
+            if not v.influence.offline:
+                v.influence.load_offline(v.data)
+            self._set(job, phase=PROJECT, stage=stage, status="running")
+            self._emit_project(job, v, stage)
+        else:
+            self._set(job, phase="select", stage=stage, status="running")
+        self.jobs.event(job, "stage_started", f"stage {stage} started", stage=stage)
+
+    def _emit_offline(self, job: str, v: JobView) -> None:
+        for set_name, index in v.influence.offline_parts(v.data):
+            self.bus.submit(OFFLINE, offline_task_id(job, set_name, index),
+                            {"job": job, "set": set_name, "part": index})
+
+    def _emit_project(self, job: str, v: JobView, stage: int) -> None:
+        if not v.influence.offline:
+            v.influence.load_offline(v.data)
+        for set_name, index in v.influence.stage_parts():
+            self.bus.submit(PROJECT, project_task_id(job, stage, set_name, index),
+                            {"job": job, "stage": stage, "set": set_name, "part": index})
+
+    def _select(self, job: str, v: JobView, stage: int) -> None:
+        if stored_selection(self.store, v.spec, stage) is None:
+            if needs_offline(v.spec) and not v.influence.offline:
+                v.influence.load_offline(v.data)
+            selection = select_stage(v.spec, v.data, self.store, v.influence, stage)
+        else:
+            selection = stored_selection(self.store, v.spec, stage)
+        self.jobs.event(job, "selected", f"stage {stage}: {v.spec.curriculum.selector} selected "
+                        f"{len(selection.prompt_ids)} of {len(v.data.pool)} prompts ({selection.eligible} eligible)",
+                        stage=stage, selected=len(selection.prompt_ids), eligible=selection.eligible)
+
+    def _all_done(self, job: str, task_ids: list[str], return_results: bool = False):
+        for task_id in task_ids:
+            error = self.bus.failure(task_id)
+            if error is not None:
+                raise RuntimeError(f"task {task_id} failed for good: {error}")
+        results = {}
+        for task_id in task_ids:
+            r = self.bus.result(task_id)
+            if r is None:
+                return None if return_results else False
+            results[task_id] = r
+        return results if return_results else True
+
+
+@lru_cache(maxsize=8)
+def _job_data_cached(spec_yaml: str) -> JobData:
+    return load_job_data(parse_spec_yaml(spec_yaml, "<job>"))
+
+
+def _job_data(spec: JobSpec) -> JobData:
+    return _job_data_cached(spec.to_yaml())
+
+
+__all__ = ["Controller", "NEEDS_INFLUENCE"]

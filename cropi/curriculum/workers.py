@@ -1,0 +1,250 @@
+"""Task handlers of the worker services, and the loop that feeds them.
+
+    offline  (rollout service)    sample one part of the offline trajectories
+    project  (projector service)  POPI-project one part at the stage-start policy
+    train    (trainer service)    run one stage's GRPO steps, then store the next stage's checkpoint
+
+Handlers are idempotent: each writes deterministic bytes to fixed keys and
+skips what is already stored. The trainer saves its whole state (weights,
+optimizer, progress, metrics) to the store after every step, so a trainer
+killed mid-stage resumes after its last completed step, wherever it restarts.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cropi.curriculum.controller import OFFLINE, PROJECT, TRAIN, spec_key
+from cropi.curriculum.policy import Policy, finish_stage, train_stage
+from cropi.curriculum.selection import stored_selection
+from cropi.curriculum.state import Progress
+from cropi.data.sources import JobData, load_job_data
+from cropi.influence.engine import InfluenceEngine
+from cropi.runtime.jobs import JobRegistry
+from cropi.runtime.queue import Task, TaskBus
+from cropi.runtime.store import ObjectStore
+from cropi.spec import JobSpec, parse_spec_yaml
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """The job was cancelled while its task ran."""
+
+
+def checkpoint_prefix(job: str, stage: int) -> str:
+    return f"jobs/{job}/stages/{stage}/checkpoint"
+
+
+def trainer_state_key(job: str) -> str:
+    return f"jobs/{job}/trainer/state.pt"
+
+
+def put_checkpoint(store: ObjectStore, prefix: str, policy: Policy) -> None:
+    """The policy as a consolidated HF folder (config + safetensors), one object per file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        policy.model.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            store.put(f"{prefix}/{path.name}", path.read_bytes())
+
+
+def load_checkpoint_weights(store: ObjectStore, prefix: str, policy: Policy) -> None:
+    from transformers import AutoModelForCausalLM
+
+    keys = store.list(prefix + "/")
+    if not keys:
+        raise FileNotFoundError(f"no checkpoint under {prefix}/ in the store")
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            (Path(tmp) / key.rsplit("/", 1)[1]).write_bytes(store.get(key))
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=policy.model.dtype)
+    policy.model.load_state_dict(loaded.state_dict())
+
+
+class JobCache:
+    """What a worker process keeps per job: spec, data, and one policy (reloaded when the stage changes)."""
+
+    def __init__(self, store: ObjectStore):
+        self.store = store
+        self._specs: dict[str, JobSpec] = {}
+        self._data: dict[str, JobData] = {}
+        self._policy: tuple[str, int, Policy] | None = None  # (job, stage, policy at that stage's start)
+
+    def spec(self, job: str) -> JobSpec:
+        if job not in self._specs:
+            self._specs[job] = parse_spec_yaml(self.store.get(spec_key(job)).decode(), spec_key(job))
+        return self._specs[job]
+
+    def data(self, job: str) -> JobData:
+        if job not in self._data:
+            self._data[job] = load_job_data(self.spec(job))
+        return self._data[job]
+
+    def stage_policy(self, job: str, stage: int) -> Policy:
+        """The policy at the start of `stage` (stage 0: the base model)."""
+        if self._policy is None or self._policy[:2] != (job, stage):
+            policy = Policy(self.spec(job))
+            if stage > 0:
+                load_checkpoint_weights(self.store, checkpoint_prefix(job, stage), policy)
+            self._policy = (job, stage, policy)
+        return self._policy[2]
+
+    def fresh_policy(self, job: str) -> Policy:
+        """A policy the caller will change (the trainer's); not cached."""
+        self._policy = None
+        return Policy(self.spec(job))
+
+
+def handle_offline(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None]) -> dict:
+    job = payload["job"]
+    influence = InfluenceEngine(cache.spec(job), cache.store)
+    influence.collect_offline_part(cache.stage_policy(job, 0).engine, cache.data(job), payload["set"], payload["part"])
+    return {"set": payload["set"], "part": payload["part"]}
+
+
+def handle_project(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None]) -> dict:
+    job, stage = payload["job"], payload["stage"]
+    policy = cache.stage_policy(job, stage)
+    influence = InfluenceEngine(cache.spec(job), cache.store, policy.model, policy.tokenizer)
+    influence.load_offline(cache.data(job))
+    popi = influence.popi()
+    try:
+        influence.project_part(stage, payload["set"], payload["part"], popi)
+    finally:
+        popi.close()
+    return {"stage": stage, "set": payload["set"], "part": payload["part"]}
+
+
+def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None]) -> dict:
+    job, stage = payload["job"], payload["stage"]
+    spec, data, store = cache.spec(job), cache.data(job), cache.store
+    policy = cache.fresh_policy(job)
+    state_key = trainer_state_key(job)
+    records: dict[str, list[dict]] = {}
+    progress: Progress | None = None
+    if store.exists(state_key):
+        state = torch.load(io.BytesIO(store.get(state_key)), map_location="cpu", weights_only=False)
+        policy.load_state_dict(state["policy"])
+        progress, records = Progress(**state["progress"]), state["records"]
+    counted = {"step": progress.step if progress else 0}
+
+    def metric(kind: str, step: int, **values: Any) -> None:
+        st = progress.stage if progress else 0
+        records.setdefault(str(st), []).append({"kind": kind, "step": step, **values})
+        if kind == "eval_summary":
+            jobs.update(job, step=step, metrics=values)
+            jobs.event(job, "eval", f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()),
+                       step=step, **values)
+
+    def save(p: Progress) -> None:
+        buf = io.BytesIO()
+        torch.save({"policy": policy.state_dict(), "progress": asdict(p), "records": records}, buf)
+        store.put(state_key, buf.getvalue())
+        for st, recs in records.items():
+            store.put(f"jobs/{job}/stages/{st}/metrics.jsonl", "".join(_jsonl(r) for r in recs).encode())
+        for step in range(counted["step"] + 1, p.step + 1):
+            jobs.count_step(job, step)
+        if p.step > counted["step"]:
+            jobs.update(job, step=p.step)
+        counted["step"] = p.step
+        heartbeat()
+        if jobs.cancel_requested(job):
+            raise Cancelled(job)
+
+    if progress is None:
+        progress = Progress()
+        progress.before = progress.after = progress.stage_before = policy.evaluate(data, 0, metric)
+        save(progress)
+    if progress.stage > stage:  # a re-delivered task whose work was saved already
+        return _train_result(progress, stage)
+    if progress.stage < stage:
+        raise RuntimeError(f"job {job}: trainer is at stage {progress.stage}, asked for stage {stage}")
+    selection = stored_selection(store, spec, stage)
+    if selection is None:
+        raise RuntimeError(f"job {job}: stage {stage} has no stored selection")
+    train_stage(policy, data, progress, selection, metric, save)
+    finish_stage(policy, data, progress, selection)
+    if progress.stage < spec.curriculum.stages and not progress.stopped_early:
+        put_checkpoint(store, checkpoint_prefix(job, progress.stage), policy)
+    else:
+        put_checkpoint(store, f"jobs/{job}/final/checkpoint", policy)
+    save(progress)
+    return _train_result(progress, stage)
+
+
+def _train_result(progress: Progress, stage: int) -> dict:
+    summary = next(s for s in progress.stages if s["stage"] == stage)
+    last = progress.stages[-1]["stage"] == stage
+    return {"stage": stage, "end_step": summary["end_step"], "stopped_early": progress.stopped_early and last,
+            "summary": summary}
+
+
+def _jsonl(record: dict) -> str:
+    import json
+
+    return json.dumps(record) + "\n"
+
+
+HANDLERS: dict[str, Callable[..., dict]] = {OFFLINE: handle_offline, PROJECT: handle_project, TRAIN: handle_train}
+SERVICE_KINDS = {"rollout": [OFFLINE], "projector": [PROJECT], "trainer": [TRAIN]}
+
+
+class Worker:
+    """Claims tasks of `kinds`, runs their handlers, heartbeats while they run."""
+
+    def __init__(self, kinds: list[str], bus: TaskBus, jobs: JobRegistry, store: ObjectStore, consumer: str):
+        self.kinds = kinds
+        self.bus = bus
+        self.jobs = jobs
+        self.cache = JobCache(store)
+        self.consumer = consumer
+        self.done = 0
+
+    def run(self, stop: threading.Event, max_tasks: int | None = None) -> None:
+        while not stop.is_set() and (max_tasks is None or self.done < max_tasks):
+            worked = False
+            for kind in self.kinds:
+                task = self.bus.claim(kind, self.consumer, block_ms=200)
+                if task is not None:
+                    self.process(task)
+                    worked = True
+            if not worked:
+                stop.wait(0.05)
+
+    def process(self, task: Task) -> None:
+        stop_beat = threading.Event()
+        interval = max(0.5, self.bus.visibility_ms / 3000)
+
+        def beat_loop() -> None:
+            while not stop_beat.wait(interval):
+                self.bus.heartbeat(task, self.consumer)
+
+        beater = threading.Thread(target=beat_loop, daemon=True)
+        beater.start()
+        job = task.payload.get("job", "?")
+        try:
+            if self.jobs.cancel_requested(job):
+                raise Cancelled(job)
+            result = HANDLERS[task.kind](self.cache, self.jobs, task.payload,
+                                         lambda: self.bus.heartbeat(task, self.consumer))
+            self.bus.complete(task, result)
+        except Cancelled:
+            self.bus.complete(task, {"cancelled": True})
+        except Exception as err:
+            log.exception("task %s failed (attempt %d)", task.task_id, task.attempt)
+            self.jobs.event(job, "task_failed", f"{task.task_id} attempt {task.attempt}: {type(err).__name__}: {err}")
+            self.bus.fail(task, "".join(traceback.format_exception_only(type(err), err)).strip())
+        finally:
+            stop_beat.set()
+            beater.join()
+            self.done += 1

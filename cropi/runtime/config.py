@@ -1,0 +1,51 @@
+"""Where the services find Redis and the object store (flags or environment).
+
+    CROPI_REDIS_URL     redis://host:6379/0, unix:///path/redis.sock
+    CROPI_STORE         a folder path, file:///folder, or s3://bucket[/prefix]
+    CROPI_S3_ENDPOINT   host:port of the S3/MinIO endpoint (for s3:// stores)
+    CROPI_S3_ACCESS_KEY, CROPI_S3_SECRET_KEY (or AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)
+    CROPI_S3_SECURE     1 for https
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from cropi.errors import InputError
+from cropi.runtime.store import LocalStore, ObjectStore
+
+
+def redis_client(url: str | None = None) -> redis.Redis:
+    url = url or os.environ.get("CROPI_REDIS_URL")
+    if not url:
+        raise InputError("no Redis: pass --redis URL or set CROPI_REDIS_URL (e.g. redis://localhost:6379/0)")
+    try:
+        return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=10)
+    except ValueError as err:
+        raise InputError(f"--redis / CROPI_REDIS_URL: {err}") from None
+
+
+def open_store(url: str | None = None) -> ObjectStore:
+    url = url or os.environ.get("CROPI_STORE")
+    if not url:
+        raise InputError("no object store: pass --store (a folder or s3://bucket/prefix) or set CROPI_STORE")
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        from cropi.runtime.s3store import S3Store
+
+        endpoint = os.environ.get("CROPI_S3_ENDPOINT")
+        if not endpoint:
+            raise InputError(f"store {url}: set CROPI_S3_ENDPOINT (host:port of the S3/MinIO endpoint)")
+        access = os.environ.get("CROPI_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID")
+        secret = os.environ.get("CROPI_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not (access and secret):
+            raise InputError(f"store {url}: set CROPI_S3_ACCESS_KEY and CROPI_S3_SECRET_KEY")
+        return S3Store(endpoint, parsed.netloc, access, secret, secure=os.environ.get("CROPI_S3_SECURE") == "1",
+                       prefix=parsed.path.strip("/"))
+    if parsed.scheme in ("", "file"):
+        return LocalStore(Path(parsed.path if parsed.scheme == "file" else url))
+    raise InputError(f"store {url}: unsupported scheme {parsed.scheme!r} (use a folder path or s3://)")

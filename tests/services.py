@@ -1,0 +1,102 @@
+"""A local cropi "cluster" for tests: real redis-server, a store folder (or S3),
+and each service as its own `cropi serve` process, talking only through them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from cropi.runtime.redis_server import RedisServer, free_port
+
+from .conftest import cli_command
+
+TOKEN = "test-token-0123456789"
+WORKERS = ("rollout", "projector", "trainer")
+
+
+class LocalCluster:
+    def __init__(self, redis: RedisServer, store: str, logs: Path, env: dict[str, str] | None = None,
+                 visibility_timeout: float = 5.0):
+        self.redis = redis
+        self.store = store
+        self.logs = logs
+        self.env = {**os.environ, "CROPI_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.visibility_timeout = visibility_timeout
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, service: str, name: str | None = None) -> subprocess.Popen:
+        name = name or service
+        args = ["serve", service, "--redis", self.redis.url, "--store", self.store,
+                "--visibility-timeout", str(self.visibility_timeout)]
+        if service == "controller":
+            args += ["--port", str(self.port)]
+        else:
+            args += ["--name", name]
+        log = open(self.logs / f"{name}.log", "a")
+        proc = subprocess.Popen(cli_command(*args), stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.procs[name] = proc
+        if service == "controller":
+            self.wait_healthy()
+        return proc
+
+    def start_all(self) -> LocalCluster:
+        self.start("controller")
+        for w in WORKERS:
+            self.start(w)
+        return self
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGKILL)
+        for proc in self.procs.values():
+            proc.wait()
+        self.procs.clear()
+
+    def client(self, token: str = TOKEN) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def wait_healthy(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"controller not healthy after {timeout_s} s; log: {self.log('controller')}")
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text()[-3000:] if path.exists() else ""
+
+    def wait_phase(self, job: str, phases: tuple[str, ...] = ("done", "failed", "cancelled"),
+                   timeout_s: float = 400, until=None) -> dict:
+        deadline = time.monotonic() + timeout_s
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                try:
+                    status = c.get(f"/v1/jobs/{job}").json()
+                except httpx.HTTPError:
+                    status = {}
+                if status.get("phase") in phases or (until is not None and until(status)):
+                    return status
+                time.sleep(0.2)
+        logs = "\n".join(f"--- {n}\n{self.log(n)}" for n in ("controller", *WORKERS))
+        raise TimeoutError(f"job {job} not in {phases} after {timeout_s} s: {status}\n{logs}")
