@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cropi.client import ControllerError
 from cropi.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="cropi: influence-guided curriculum RL (CROPI).")
@@ -105,6 +106,113 @@ def bench_grpo(
     report = run_grpo_bench(job, steps, seeds, out, console=err_console if as_json else console)
     if as_json:
         print(json.dumps(report))
+
+
+CONTROLLER_OPTION = typer.Option(None, "--controller", help="controller URL (default: CROPI_CONTROLLER)")
+TERMINAL_PHASES = ("done", "failed", "cancelled")
+
+
+def _client(controller: str | None):
+    from cropi.client import ControllerClient
+
+    return ControllerClient(controller)
+
+
+def _status_line(st: dict) -> str:
+    metrics = " ".join(f"{k}={v:.3f}" for k, v in st.get("metrics", {}).items())
+    return (f"{st['name']}: {st['phase']} (stage {st['stage'] + 1 if st['phase'] not in ('queued', 'offline') else '-'}"
+            f"/{st['stages']}, step {st['step']}/{st['total_steps']}){' ' + metrics if metrics else ''}"
+            f"{' error: ' + st['error'] if st.get('error') else ''}")
+
+
+@app.command()
+def submit(
+    job: Path = typer.Argument(..., help="job spec YAML"),
+    wait: bool = typer.Option(False, "--wait", help="follow the job's events until it finishes"),
+    controller: str | None = CONTROLLER_OPTION,
+) -> None:
+    """Submit a job to the controller (validated here first, then by the controller)."""
+    from cropi.spec import load_spec
+
+    spec = load_spec(job)
+    client = _client(controller)
+    st = client.submit(spec.to_yaml())
+    console.print(f"submitted {st['name']} ({st['phase']})")
+    if wait:
+        _follow(client, st["name"])
+        final = client.status(st["name"])
+        console.print(_status_line(final))
+        if final["phase"] != "done":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    job: str | None = typer.Argument(None, help="job name (default: all jobs)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+    controller: str | None = CONTROLLER_OPTION,
+) -> None:
+    """Phase, stage, step and latest metrics of a job (or of all jobs)."""
+    client = _client(controller)
+    result = client.status(job) if job else client.list()
+    if as_json:
+        print(json.dumps(result))
+        return
+    for st in [result] if job else result:
+        console.print(_status_line(st))
+
+
+@app.command("list")
+def list_jobs(controller: str | None = CONTROLLER_OPTION) -> None:
+    """All jobs the controller knows, oldest first."""
+    table = Table(title="jobs")
+    for col in ("name", "phase", "stage", "step", "metrics"):
+        table.add_column(col)
+    for st in _client(controller).list():
+        table.add_row(st["name"], st["phase"], f"{st['stage']}/{st['stages']}", f"{st['step']}/{st['total_steps']}",
+                      " ".join(f"{k}={v:.3f}" for k, v in st["metrics"].items()))
+    console.print(table)
+
+
+@app.command()
+def cancel(job: str = typer.Argument(...), controller: str | None = CONTROLLER_OPTION) -> None:
+    """Ask the controller to cancel a job (workers stop at their next step)."""
+    st = _client(controller).cancel(job)
+    console.print(f"{job}: cancel requested ({st['phase']})")
+
+
+@app.command()
+def logs(
+    job: str = typer.Argument(...),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the job ends"),
+    controller: str | None = CONTROLLER_OPTION,
+) -> None:
+    """The job's events (submitted, stages, selections, evaluations, failures)."""
+    client = _client(controller)
+    if follow:
+        _follow(client, job)
+    else:
+        for ev in client.events(job):
+            _print_event(ev)
+
+
+def _print_event(ev: dict) -> None:
+    import datetime
+
+    stamp = datetime.datetime.fromtimestamp(ev["time"]).strftime("%H:%M:%S")
+    console.print(f"{stamp} {ev['kind']:<14} {ev['message']}", highlight=False)
+
+
+def _follow(client, job: str) -> None:
+    after = "0-0"
+    while True:
+        for ev in client.events(job, after=after, wait_ms=2000):
+            _print_event(ev)
+            after = ev["id"]
+        if client.status(job)["phase"] in TERMINAL_PHASES:
+            for ev in client.events(job, after=after):
+                _print_event(ev)
+            return
 
 
 @app.command()
@@ -256,6 +364,9 @@ def _print_report(report: dict, as_json: bool, title: str) -> None:
 def main() -> None:
     try:
         app(standalone_mode=False)
+    except ControllerError as err:
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)
+        sys.exit(1)
     except InputError as err:
         # The message may contain brackets (field paths, lists): print it verbatim.
         err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)

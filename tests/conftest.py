@@ -77,3 +77,28 @@ def moto_server():
     server = MotoServer()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def embedded_reference(tmp_path_factory, tiny_model):
+    """`cropi run` of the services' test job: what the services must reproduce."""
+    from rich.console import Console
+
+    from cropi.curriculum.runner import run_job
+    from cropi.spec import parse_spec
+
+    from .services import JOB
+
+    run_dir = tmp_path_factory.mktemp("embedded")
+    run_job(parse_spec(JOB), run_dir, Console(quiet=True))
+    return run_dir
+
+
+@pytest.fixture
+def cluster(redis_server, tmp_path, tiny_model):
+    """Controller + workers as `cropi serve` processes on a real Redis and a store folder (started by the test)."""
+    from .services import LocalCluster
+
+    c = LocalCluster(redis_server, str(tmp_path / "store"), tmp_path / "logs")
+    yield c
+    c.stop_all()

@@ -4,67 +4,9 @@ same selections and the same training metrics as `cropi run`."""
 
 import json
 
-import pytest
-import yaml
-from rich.console import Console
-
-from cropi.curriculum.runner import run_job
 from cropi.runtime.jobs import JobRegistry
-from cropi.spec import parse_spec
 
-from .conftest import TEST_MODEL
-from .services import LocalCluster
-
-JOB = {
-    "name": "svc-e2e",
-    "model": {"path": TEST_MODEL},
-    "data": {
-        # 1-digit max/add: the barely trained test model solves a few of them
-        # sometimes, which gives mixed rewards (eligible prompts) without a stand-in verifier.
-        "pool": {"source": "builtin:arith?skills=max,add&digits=1", "size": 48},
-        "validation": [{"name": "max1", "source": "builtin:arith?skills=max&digits=1", "size": 16}],
-    },
-    "rollout": {"n": 8, "max_new_tokens": 4},
-    "offline": {"n_pool": 8, "n_valid": 16},
-    "rl": {"batch_prompts": 4, "warmup_steps": 2},
-    "curriculum": {"selector": "cropi", "stages": 2, "steps_per_stage": 3, "select_ratio": 0.25},
-    "influence": {"proj_dim": 256, "max_valid_prompts": 16},
-    "eval": {"every": 2, "samples": 2},
-}
-TIMING = {"rollout_s", "train_s", "seconds"}
-
-
-def comparable_metrics(records):
-    return [{k: v for k, v in r.items() if k not in TIMING and k != "stage"} for r in records]
-
-
-def stored_selections(store_root, job, stages=2):
-    out = []
-    for s in range(stages):
-        sel = json.loads((store_root / "jobs" / job / "stages" / str(s) / "selection.json").read_text())
-        sel.pop("seconds")
-        out.append(sel)
-    return out
-
-
-@pytest.fixture(scope="module")
-def embedded_reference(tmp_path_factory, tiny_model):
-    run_dir = tmp_path_factory.mktemp("embedded")
-    run_job(parse_spec(JOB), run_dir, Console(quiet=True))
-    return run_dir
-
-
-@pytest.fixture
-def cluster(redis_server, tmp_path, tiny_model):
-    c = LocalCluster(redis_server, str(tmp_path / "store"), tmp_path / "logs")
-    yield c
-    c.stop_all()
-
-
-def submit(cluster, job=JOB) -> None:
-    with cluster.client() as c:
-        r = c.post("/v1/jobs", json={"spec": yaml.safe_dump(job)})
-    assert r.status_code == 201, r.text
+from .services import JOB, comparable_metrics, stored_selections, submit
 
 
 def test_services_reach_the_embedded_runs_selections_and_metrics(cluster, embedded_reference, tmp_path,

@@ -213,11 +213,16 @@ class Worker:
     def run(self, stop: threading.Event, max_tasks: int | None = None) -> None:
         while not stop.is_set() and (max_tasks is None or self.done < max_tasks):
             worked = False
-            for kind in self.kinds:
-                task = self.bus.claim(kind, self.consumer, block_ms=200)
-                if task is not None:
-                    self.process(task)
-                    worked = True
+            try:
+                for kind in self.kinds:
+                    task = self.bus.claim(kind, self.consumer, block_ms=200)
+                    if task is not None:
+                        self.process(task)
+                        worked = True
+            except Exception:  # Redis or the store away for longer than the clients retry: wait, go on
+                log.exception("worker %s: bus unavailable; retrying in 1 s", self.consumer)
+                stop.wait(1.0)
+                continue
             if not worked:
                 stop.wait(0.05)
 

@@ -14,17 +14,22 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from cropi.errors import InputError
 from cropi.runtime.store import LocalStore, ObjectStore
 
 
-def redis_client(url: str | None = None) -> redis.Redis:
+def redis_client(url: str | None = None, outage_s: float = 60.0) -> redis.Redis:
+    """A client that rides out a Redis restart: connection errors are retried with backoff for ~`outage_s`."""
     url = url or os.environ.get("CROPI_REDIS_URL")
     if not url:
         raise InputError("no Redis: pass --redis URL or set CROPI_REDIS_URL (e.g. redis://localhost:6379/0)")
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=max(1, int(outage_s / 2.0) + 6))
     try:
-        return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=10)
+        return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=10,
+                                    retry=retry, retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     except ValueError as err:
         raise InputError(f"--redis / CROPI_REDIS_URL: {err}") from None
 

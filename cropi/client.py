@@ -1,0 +1,82 @@
+"""HTTP client of the controller API, used by `cropi submit|status|list|cancel|logs`.
+
+Configured by `--controller URL` / `CROPI_CONTROLLER` and `CROPI_TOKEN`
+(or `CROPI_TOKEN_FILE`). A 4xx answer is the user's input being refused:
+it becomes an InputError (exit 2) carrying the server's message.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from cropi.errors import InputError
+
+
+class ControllerError(RuntimeError):
+    """The controller could not be reached or failed (exit 1)."""
+
+
+def _token() -> str:
+    token = os.environ.get("CROPI_TOKEN", "")
+    if not token and os.environ.get("CROPI_TOKEN_FILE"):
+        try:
+            token = open(os.environ["CROPI_TOKEN_FILE"]).read().strip()
+        except OSError as err:
+            raise InputError(f"CROPI_TOKEN_FILE: {err}") from None
+    if not token:
+        raise InputError("no API token: set CROPI_TOKEN (or CROPI_TOKEN_FILE) to the controller's bearer token")
+    return token
+
+
+class ControllerClient:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 30.0):
+        url = url or os.environ.get("CROPI_CONTROLLER")
+        if not url:
+            raise InputError("no controller: pass --controller URL or set CROPI_CONTROLLER (e.g. http://localhost:8080)")
+        if not url.startswith(("http://", "https://")):
+            raise InputError(f"--controller / CROPI_CONTROLLER: {url!r} is not an http(s) URL")
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s,
+                                 headers={"Authorization": f"Bearer {token or _token()}"})
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as err:
+            raise ControllerError(f"controller {self.url} unreachable: {err}") from None
+        if r.status_code == 401:
+            raise InputError(f"controller {self.url} refused the token (401): check CROPI_TOKEN")
+        if 400 <= r.status_code < 500:
+            raise InputError(f"controller refused the request ({r.status_code}): {_detail(r)}")
+        if r.status_code >= 500:
+            raise ControllerError(f"controller error ({r.status_code}): {_detail(r)}")
+        return r.json()
+
+    def submit(self, spec_yaml: str) -> dict[str, Any]:
+        return self._call("POST", "/v1/jobs", json={"spec": spec_yaml})
+
+    def status(self, job: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/jobs/{job}")
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/jobs")
+
+    def cancel(self, job: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/jobs/{job}/cancel")
+
+    def events(self, job: str, after: str = "0-0", wait_ms: int = 0) -> list[dict[str, Any]]:
+        return self._call("GET", f"/v1/jobs/{job}/events", params={"after": after, "wait_ms": wait_ms},
+                          timeout=wait_ms / 1000 + 30)
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        detail = r.json().get("detail", r.text)
+    except ValueError:
+        return r.text[:500]
+    if isinstance(detail, list):  # FastAPI validation errors: name each field
+        return "; ".join(f"{'.'.join(str(x) for x in d.get('loc', []))}: {d.get('msg')}" for d in detail)
+    return str(detail)
