@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 import threading
 from typing import Any
 
@@ -40,7 +39,6 @@ from cropi.spec import parse_spec_yaml
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a job spec is a few KB; anything near a MiB is a mistake or an attack
-NAME_PATTERN = r"^[a-z0-9][a-z0-9.-]{0,62}$"  # also a valid Kubernetes object name
 
 
 class SubmitRequest(BaseModel):
@@ -100,8 +98,6 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
             spec = parse_spec_yaml(body.spec, "request body 'spec'")
         except InputError as err:
             raise HTTPException(422, str(err)) from None
-        if not re.fullmatch(NAME_PATTERN, spec.name):
-            raise HTTPException(422, f"spec 'name': {spec.name!r} must match {NAME_PATTERN} (lower-case, digits, '-', '.')")
         try:
             created = controller.submit(spec)
         except JobConflict as err:
