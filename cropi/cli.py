@@ -288,6 +288,33 @@ def bench_acceleration(
         print(json.dumps(report))
 
 
+@bench_app.command("queue")
+def bench_queue(
+    tasks: int = typer.Option(10_000, "--tasks", min=1),
+    consumers: int = typer.Option(4, "--consumers", min=1),
+    kill_every: float = typer.Option(0.5, "--kill-every", min=0.05, help="seconds between consumer SIGKILLs"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Tasks through consumer processes killed at random: none lost, results exactly once, tasks/s."""
+    from cropi.bench.queue import run_queue_bench
+
+    report = run_queue_bench(tasks=tasks, consumers=consumers, kill_every_s=kill_every)
+    _print_report(report, as_json, "task bus under random consumer kills")
+
+
+@bench_app.command("api")
+def bench_api(
+    requests: int = typer.Option(200, "--requests", min=1, help="concurrent status requests per round"),
+    rounds: int = typer.Option(3, "--rounds", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """p50/p99 of concurrent status requests to a controller process (baseline: /healthz)."""
+    from cropi.bench.api import run_api_bench
+
+    report = run_api_bench(requests=requests, rounds=rounds)
+    _print_report(report, as_json, "controller API latency")
+
+
 @bench_app.command("projection")
 def bench_projection(
     dim: int = typer.Option(50_000_000, "--dim", min=1000, help="coordinates in the projected buffer"),
@@ -356,8 +383,14 @@ def _print_report(report: dict, as_json: bool, title: str) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in report.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    def rows(prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict):
+                rows(f"{prefix}{key}.", value)
+            else:
+                table.add_row(prefix + key, f"{value:.4g}" if isinstance(value, float) else str(value))
+
+    rows("", report)
     console.print(table)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+from functools import lru_cache
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -59,11 +60,18 @@ class JobStatus(BaseModel):
     total_steps: int = 0
 
 
+@lru_cache(maxsize=1024)
+def _shape(spec_yaml: str) -> tuple[int, int]:
+    # Parsing a spec costs milliseconds; status requests are many and specs never change.
+    spec = parse_spec_yaml(spec_yaml)
+    return spec.curriculum.stages, spec.total_steps
+
+
 def _status(rec: dict[str, Any]) -> JobStatus:
-    spec = parse_spec_yaml(rec["spec"], f"job {rec['name']}")
+    stages, total_steps = _shape(rec["spec"])
     return JobStatus(**{k: rec[k] for k in ("name", "phase", "status", "stage", "step", "created", "updated",
                                              "error", "metrics")},
-                     stages=spec.curriculum.stages, total_steps=spec.total_steps)
+                     stages=stages, total_steps=total_steps)
 
 
 def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
