@@ -16,6 +16,7 @@ code as the embedded run (`selection.select_stage`).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,10 +24,10 @@ from functools import lru_cache
 from cropi.curriculum.selection import (
     needs_offline,
     needs_projection,
+    offline_timing_key,
     select_stage,
     stored_selection,
 )
-from cropi.curriculum.selectors import NEEDS_INFLUENCE
 from cropi.data.sources import JobData, load_job_data
 from cropi.influence.engine import InfluenceEngine
 from cropi.runtime.jobs import TERMINAL, JobRegistry
@@ -121,8 +122,13 @@ class Controller:
             return True
         if phase == OFFLINE:
             self._emit_offline(job, v)  # idempotent: re-emits after a controller restart
-            if not self._all_done(job, [offline_task_id(job, s, i) for s, i in v.influence.offline_parts(v.data)]):
+            results = self._all_done(job, [offline_task_id(job, s, i) for s, i in v.influence.offline_parts(v.data)],
+                                     return_results=True)
+            if not results:
                 return False
+            if not self.store.exists(offline_timing_key(v.spec)):
+                seconds = sum(r.get("seconds", 0.0) for r in results.values())
+                self.store.put(offline_timing_key(v.spec), json.dumps({"seconds": seconds}).encode())
             v.influence.load_offline(v.data)
             self.jobs.event(job, "offline_done", "offline trajectories stored")
             self._enter_stage(job, v, 0)
@@ -183,7 +189,12 @@ class Controller:
         if stored_selection(self.store, v.spec, stage) is None:
             if needs_offline(v.spec) and not v.influence.offline:
                 v.influence.load_offline(v.data)
-            selection = select_stage(v.spec, v.data, self.store, v.influence, stage)
+            projection_s = 0.0
+            if needs_projection(v.spec, stage):
+                for set_name, index in v.influence.stage_parts():
+                    projection_s += (self.bus.result(project_task_id(job, stage, set_name, index)) or {}).get(
+                        "seconds", 0.0)
+            selection = select_stage(v.spec, v.data, self.store, v.influence, stage, extra_seconds=projection_s)
         else:
             selection = stored_selection(self.store, v.spec, stage)
         self.jobs.event(job, "selected", f"stage {stage}: {v.spec.curriculum.selector} selected "
@@ -212,5 +223,3 @@ def _job_data_cached(spec_yaml: str) -> JobData:
 def _job_data(spec: JobSpec) -> JobData:
     return _job_data_cached(spec.to_yaml())
 
-
-__all__ = ["Controller", "NEEDS_INFLUENCE"]

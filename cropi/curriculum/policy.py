@@ -8,7 +8,6 @@ rollout seeds and evaluation seeds are pure functions of (spec, stage, step).
 from __future__ import annotations
 
 import copy
-import io
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,14 +52,6 @@ class Policy:
         self.model.load_state_dict(state["model"])
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.scheduler.load_state_dict(state["scheduler"])
-
-    def weights_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(self.model.state_dict(), buf)
-        return buf.getvalue()
-
-    def load_weights_bytes(self, data: bytes) -> None:
-        self.model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
 
     # ----------------------------------------------------------- work
     def evaluate(self, data: JobData, step: int, log: Log) -> dict[str, dict[str, float]]:

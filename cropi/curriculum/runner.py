@@ -1,21 +1,26 @@
-"""The embedded run: everything in one process, the loop of `cropi run`.
+"""The embedded run (`cropi run`): the services' controller and workers in one
+process, on a private redis-server (unix socket, AOF in the run folder) and a
+store folder. The stage machine, the task bus and the task handlers are the
+ones a cluster runs (`controller.py`, `workers.py`); only the loop that feeds
+them is local:
 
-    load data and policy -> evaluate -> offline trajectories (if the selector
-    needs them) -> per stage: select -> [rollout -> reward -> GRPO step]* with
-    periodic evaluation -> checkpoint, metrics, curves, summary
+    controller.tick() -> claim a task -> run its handler -> ... until the job ends
 
-Which prompts a stage trains on is the selector's job (`selectors.py`).
+Killing `cropi run` and running it again resumes: Redis comes back from its
+append-only file, the task that was running is taken back by the same
+consumer, and the trainer continues from its state in the store.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,17 +31,20 @@ from rich.progress import (
 )
 from rich.progress import Progress as Progress_
 
-from cropi.curriculum.policy import Policy, finish_stage, train_stage
-from cropi.curriculum.selection import needs_offline, offline_timing_key, select_stage
-from cropi.curriculum.selectors import Selection
-from cropi.curriculum.state import Progress, load_state, save_state
-from cropi.data.sources import JobData, load_job_data
+from cropi.curriculum.controller import OFFLINE, PROJECT, TRAIN, Controller
+from cropi.curriculum.state import Progress
+from cropi.curriculum.workers import Worker, trainer_state_key
 from cropi.errors import InputError
-from cropi.influence.engine import InfluenceEngine
+from cropi.models.loading import resolve_model_path
 from cropi.plotting import plot_run
+from cropi.runtime.jobs import TERMINAL, JobRegistry
+from cropi.runtime.queue import TaskBus
+from cropi.runtime.redis_server import RedisServer
 from cropi.runtime.store import LocalStore
 from cropi.spec import JobSpec
 from cropi.tracking import MetricsLog, truncate_metrics
+
+KINDS = (OFFLINE, PROJECT, TRAIN)
 
 
 @dataclass
@@ -78,7 +86,7 @@ def clear_progress(spec: JobSpec, run_dir: Path) -> None:
     Refuses, like a run does, when the folder holds a different job.
     """
     prepare_run_dir(spec, run_dir)
-    for name in ("state", "store", "tb", "checkpoint"):
+    for name in ("state", "store", "tb", "checkpoint", "redis"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for name in ("metrics.jsonl", "summary.json", "curves.png"):
         (run_dir / name).unlink(missing_ok=True)
@@ -110,113 +118,157 @@ class EmbeddedRun:
         self.spec = spec
         self.run_dir = run_dir
         self.console = console or Console()
-        self.data: JobData = load_job_data(spec)
-        self.policy = Policy(spec, _sft_progress(self.console))
-        self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
-        self.store = LocalStore(run_dir / "store")
-        self.influence = InfluenceEngine(spec, self.store, self.model, self.tokenizer)
+        self._bar: Progress_ | None = None
+        self._bar_task = None
+        self._live_metrics = None
 
-    def _phase_bar(self) -> tuple[Progress_, Callable[[str, int, int], None]]:
-        bar = Progress_(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       console=self.console, transient=True)
-        tasks: dict[str, int] = {}
+    # ----------------------------------------------------------- display
+    def observe(self, event: str, **data) -> None:
+        """Progress from inside the task handlers (the trainer's steps and metrics)."""
+        if event == "metric":
+            self._live_metrics.write(json.dumps(data["record"]) + "\n")
+            self._live_metrics.flush()
+        elif event == "stage_started":
+            self._stage_started(data["stage"], data["progress"], data["selection"])
+        elif event == "step" and self._bar is not None:
+            progress = data["progress"]
+            self._bar.update(self._bar_task, completed=progress.step_in_stage, reward=data["stats"]["reward_mean"],
+                             acc=_fmt_acc(progress.after))
 
-        def report(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task(phase, total=total)
-            bar.update(tasks[phase], completed=done)
-
-        return bar, report
-
-    def select(self, stage: int) -> Selection:
-        bar, report = self._phase_bar()
-        with bar:
-            return select_stage(self.spec, self.data, self.store, self.influence, stage, report)
-
-    def _collect_offline(self) -> None:
-        """Offline trajectories (loaded if stored); their cost is kept beside them for wall-clock accounting."""
-        bar, report = self._phase_bar()
-        t0 = time.perf_counter()
-        with bar:
-            self.influence.collect_offline(self.policy.engine, self.data, report)
-        key = offline_timing_key(self.spec)
-        if not self.store.exists(key):
-            # A collection resumed after a kill records only its remaining part.
-            self.store.put(key, json.dumps({"seconds": time.perf_counter() - t0}).encode())
-
-    def _save(self, progress: Progress) -> None:
-        save_state(self.run_dir, progress, self.model, self.policy.trainer)
-
-    def run(self) -> RunResult:
-        """Run the job, or continue it from `state/latest.pt` if a previous run of it was killed."""
-        spec, console, d, cur = self.spec, self.console, self.data, self.spec.curriculum
-        prepare_run_dir(spec, self.run_dir)
-        start = time.perf_counter()
-        progress = load_state(self.run_dir, self.model, self.policy.trainer)
-        console.print(
-            f"[bold]{spec.name}[/]: pool {len(d.pool)} prompts"
-            + (f" ({d.decontaminated} dropped: also in an evaluation set)" if d.decontaminated else "")
-            + f", validation {', '.join(f'{k}={len(v)}' for k, v in d.validation.items()) or '-'}"
-            + (f", untargeted {', '.join(f'{k}={len(v)}' for k, v in d.untargeted.items())}" if d.untargeted else "")
-            + f"; {spec.total_steps} GRPO steps x {spec.rl.batch_prompts} prompts x {spec.rollout.n} responses"
-        )
-        if progress is None:
-            log = MetricsLog(self.run_dir)
-            progress = Progress()
-            progress.before = progress.after = progress.stage_before = self.policy.evaluate(d, 0, log.log)
-            self._save(progress)
-        else:
-            console.print(f"[bold]resuming[/] at step {progress.step} (stage {progress.stage}, "
-                          f"{progress.step_in_stage} of its steps done)")
-            truncate_metrics(self.run_dir, progress.step)
-            log = MetricsLog(self.run_dir, append=True)
-        if needs_offline(spec):
-            self._collect_offline()
-        while progress.stage < cur.stages and not progress.stopped_early:
-            self._run_stage(progress, log)
-        log.close()
-        return self._finish(progress, time.perf_counter() - start)
-
-    def _run_stage(self, progress: Progress, log: MetricsLog) -> None:
-        cur, stage = self.spec.curriculum, progress.stage
-        selection = self.select(stage)
-        n = len(selection.prompt_ids)
+    def _stage_started(self, stage: int, progress: Progress, selection) -> None:
+        cur, n = self.spec.curriculum, len(selection.prompt_ids)
         self.console.print(
             f"stage {stage}: {cur.selector} selected {n} of {len(self.data.pool)} prompts"
             f" ({selection.eligible} eligible){'; ' + selection.note if selection.note else ''}"
         )
         if not n:
             self.console.print(f"[yellow]stage {stage}: no eligible prompt to train on; skipping its steps[/]")
-        else:
-            with Progress_(
-                TextColumn(f"[bold]stage {stage} GRPO"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("reward {task.fields[reward]:.2f}  acc {task.fields[acc]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-            ) as bar:
-                task = bar.add_task("train", total=cur.steps_per_stage, completed=progress.step_in_stage,
-                                    reward=0.0, acc=_fmt_acc(progress.after))
-                train_stage(
-                    self.policy, self.data, progress, selection, log.log, self._save,
-                    on_step=lambda stats: bar.update(task, advance=1, reward=stats["reward_mean"],
-                                                     acc=_fmt_acc(progress.after)),
-                )
-        finish_stage(self.policy, self.data, progress, selection)
-        if progress.stopped_early:
-            self.console.print(f"targeted accuracy reached {cur.target_accuracy}: stopping after stage {stage}")
-        self._save(progress)
+            return
+        self._close_bar()
+        self._bar = Progress_(
+            TextColumn(f"[bold]stage {stage} GRPO"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("reward {task.fields[reward]:.2f}  acc {task.fields[acc]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+        )
+        self._bar.start()
+        self._bar_task = self._bar.add_task("train", total=cur.steps_per_stage, completed=progress.step_in_stage,
+                                            reward=0.0, acc=_fmt_acc(progress.after))
 
-    def _finish(self, progress: Progress, seconds: float) -> RunResult:
-        d = self.data
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def _phase_bar(self, kind: str, total: int) -> None:
+        self._close_bar()
+        label = {OFFLINE: "offline rollouts (parts)", PROJECT: "POPI projection (parts)"}[kind]
+        self._bar = Progress_(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                              console=self.console, transient=True)
+        self._bar.start()
+        self._bar_task = self._bar.add_task(kind, total=total)
+
+    # ----------------------------------------------------------- run
+    def run(self) -> RunResult:
+        """Run the job, or continue it where a killed run of it stopped."""
+        spec, console = self.spec, self.console
+        prepare_run_dir(spec, self.run_dir)
+        resolve_model_path(spec.model.path, _sft_progress(console))  # build the built-in model with a visible bar
+        start = time.perf_counter()
+        server = RedisServer(self.run_dir / "redis").start()
+        try:
+            client = server.client()
+            # One consumer, so nothing is ever reclaimed from a live worker; a killed run's task
+            # comes back to the same consumer name when the run is started again.
+            bus = TaskBus(client, visibility_timeout_s=24 * 3600, max_attempts=1000)
+            jobs = JobRegistry(client)
+            store = LocalStore(self.run_dir / "store")
+            controller = Controller(bus, jobs, store)
+            fresh = controller.submit(spec)
+            self.data = d = controller.view(spec.name).data
+            console.print(
+                f"[bold]{spec.name}[/]: pool {len(d.pool)} prompts"
+                + (f" ({d.decontaminated} dropped: also in an evaluation set)" if d.decontaminated else "")
+                + f", validation {', '.join(f'{k}={len(v)}' for k, v in d.validation.items()) or '-'}"
+                + (f", untargeted {', '.join(f'{k}={len(v)}' for k, v in d.untargeted.items())}" if d.untargeted else "")
+                + f"; {spec.total_steps} GRPO steps x {spec.rl.batch_prompts} prompts x {spec.rollout.n} responses"
+            )
+            rec = jobs.get(spec.name)
+            if not fresh and rec["phase"] not in TERMINAL:
+                console.print(f"[bold]resuming[/] at step {rec['step']} ({rec['phase']}, stage {rec['stage']})")
+            if not fresh:  # the live log may hold records of steps the killed run did not save
+                truncate_metrics(self.run_dir, _saved_step(store, spec))
+            with (self.run_dir / "metrics.jsonl").open("a" if not fresh else "w") as live:
+                self._live_metrics = live
+                worker = Worker(list(KINDS), bus, jobs, store, "embedded", observer=self.observe, fail_fast=True)
+                try:
+                    self._drive(controller, worker, jobs)
+                finally:
+                    self._close_bar()
+            rec = jobs.get(spec.name)
+            if rec["phase"] == "failed":
+                raise RuntimeError(f"job {spec.name} failed: {rec['error']}")
+            return self._finish(store, time.perf_counter() - start)
+        finally:
+            server.stop()
+
+    def _drive(self, controller: Controller, worker: Worker, jobs: JobRegistry) -> None:
+        job = self.spec.name
+        phase_seen = None
+        while True:
+            controller.tick()
+            rec = jobs.get(job)
+            if rec["phase"] in TERMINAL:
+                return
+            if rec["phase"] in (OFFLINE, PROJECT) and phase_seen != (rec["phase"], rec["stage"]):
+                phase_seen = (rec["phase"], rec["stage"])
+                depth = controller.bus.depth(rec["phase"])
+                self._phase_bar(rec["phase"], depth["waiting"] + depth["pending"])
+            task = None
+            for kind in KINDS:
+                task = controller.bus.claim(kind, worker.consumer, block_ms=None)
+                if task is not None:
+                    break
+            if task is None:
+                raise RuntimeError(f"job {job} is stuck in phase {rec['phase']!r}: no task to run and no "
+                                   "transition possible (a bug; the run folder keeps its state)")
+            worker.process(task)
+            if task.kind in (OFFLINE, PROJECT) and self._bar is not None:
+                self._bar.advance(self._bar_task)
+
+    def _finish(self, store: LocalStore, seconds: float) -> RunResult:
+        spec, job = self.spec, self.spec.name
+        state = torch.load(io.BytesIO(store.get(trainer_state_key(job))), map_location="cpu", weights_only=False)
+        progress = Progress(**state["progress"])
+        # metrics.jsonl and TensorBoard from the stored records: the store is the source of truth.
+        log = MetricsLog(self.run_dir)
+        for stage in sorted(state["records"], key=int):
+            for r in state["records"][stage]:
+                log.log(r["kind"], r["step"], **{k: v for k, v in r.items() if k not in ("kind", "step")})
+        log.close()
         checkpoint = self.run_dir / "checkpoint"
-        self.model.save_pretrained(checkpoint)
-        self.tokenizer.save_pretrained(checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        checkpoint.mkdir()
+        prefix = f"jobs/{job}/final/checkpoint/"
+        for key in store.list(prefix):
+            (checkpoint / key[len(prefix):]).write_bytes(store.get(key))
         plot_run(self.run_dir)
+        if progress.stopped_early:
+            self.console.print(f"targeted accuracy reached {spec.curriculum.target_accuracy}: stopped after "
+                               f"stage {progress.stages[-1]['stage']}")
         result = RunResult(
             run_dir=self.run_dir, steps=progress.step, before=progress.before, after=progress.after,
-            targeted=list(d.validation), wallclock_s=seconds, stages=progress.stages,
+            targeted=list(self.data.validation), wallclock_s=seconds, stages=progress.stages,
         )
         (self.run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
         return result
+
+
+def _saved_step(store: LocalStore, spec: JobSpec) -> int:
+    key = trainer_state_key(spec.name)
+    if not store.exists(key):
+        return 0
+    state = torch.load(io.BytesIO(store.get(key)), map_location="cpu", weights_only=False)
+    return state["progress"]["step"]
 
 
 def _fmt_acc(results: dict[str, dict[str, float]]) -> str:

@@ -49,11 +49,12 @@ def stored_selection(store: ObjectStore, spec: JobSpec, stage: int) -> Selection
 
 
 def select_stage(spec: JobSpec, data: JobData, store: ObjectStore, influence: InfluenceEngine, stage: int,
-                 progress: Progress | None = None) -> Selection:
+                 progress: Progress | None = None, extra_seconds: float = 0.0) -> Selection:
     """The prompts stage `stage` trains on; computed once, then read from the store.
 
     A resumed run reuses the stored choice: recomputing would score with the
-    mid-stage policy, not the one the stage started from.
+    mid-stage policy, not the one the stage started from. `extra_seconds`
+    adds work done elsewhere for this selection (the projector tasks).
     """
     stored = stored_selection(store, spec, stage)
     if stored is not None:
@@ -68,7 +69,7 @@ def select_stage(spec: JobSpec, data: JobData, store: ObjectStore, influence: In
     else:
         t0 = time.perf_counter()
         selection = _compute(spec, data, influence, stage, progress)
-        selection.seconds = time.perf_counter() - t0
+        selection.seconds = time.perf_counter() - t0 + extra_seconds
     store.put(selection_key(spec, stage),
               json.dumps({"stage": stage, "selector": cur.selector, **selection.to_json()}).encode())
     return selection

@@ -16,6 +16,7 @@ import io
 import logging
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
@@ -54,6 +55,7 @@ def put_checkpoint(store: ObjectStore, prefix: str, policy: Policy) -> None:
     """The policy as a consolidated HF folder (config + safetensors), one object per file."""
     with tempfile.TemporaryDirectory() as tmp:
         policy.model.save_pretrained(tmp)
+        policy.tokenizer.save_pretrained(tmp)  # a complete folder: usable as model.path
         for path in sorted(Path(tmp).iterdir()):
             store.put(f"{prefix}/{path.name}", path.read_bytes())
 
@@ -105,14 +107,19 @@ class JobCache:
         return Policy(self.spec(job))
 
 
-def handle_offline(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None]) -> dict:
+Observer = Callable[..., None]  # observer(event, **data): progress display of the embedded run
+
+
+def handle_offline(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None],
+                   observer: Observer | None = None) -> dict:
     job = payload["job"]
     influence = InfluenceEngine(cache.spec(job), cache.store)
     influence.collect_offline_part(cache.stage_policy(job, 0).engine, cache.data(job), payload["set"], payload["part"])
     return {"set": payload["set"], "part": payload["part"]}
 
 
-def handle_project(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None]) -> dict:
+def handle_project(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None],
+                   observer: Observer | None = None) -> dict:
     job, stage = payload["job"], payload["stage"]
     policy = cache.stage_policy(job, stage)
     influence = InfluenceEngine(cache.spec(job), cache.store, policy.model, policy.tokenizer)
@@ -125,7 +132,8 @@ def handle_project(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat:
     return {"stage": stage, "set": payload["set"], "part": payload["part"]}
 
 
-def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None]) -> dict:
+def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None],
+                 observer: Observer | None = None) -> dict:
     job, stage = payload["job"], payload["stage"]
     spec, data, store = cache.spec(job), cache.data(job), cache.store
     policy = cache.fresh_policy(job)
@@ -140,7 +148,10 @@ def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: C
 
     def metric(kind: str, step: int, **values: Any) -> None:
         st = progress.stage if progress else 0
-        records.setdefault(str(st), []).append({"kind": kind, "step": step, **values})
+        record = {"kind": kind, "step": step, **values}
+        records.setdefault(str(st), []).append(record)
+        if observer:
+            observer("metric", record=record)
         if kind == "eval_summary":
             jobs.update(job, step=step, metrics=values)
             jobs.event(job, "eval", f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()),
@@ -172,7 +183,10 @@ def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: C
     selection = stored_selection(store, spec, stage)
     if selection is None:
         raise RuntimeError(f"job {job}: stage {stage} has no stored selection")
-    train_stage(policy, data, progress, selection, metric, save)
+    if observer:
+        observer("stage_started", stage=stage, progress=progress, selection=selection)
+    train_stage(policy, data, progress, selection, metric, save,
+                on_step=(lambda stats: observer("step", progress=progress, stats=stats)) if observer else None)
     finish_stage(policy, data, progress, selection)
     if progress.stage < spec.curriculum.stages and not progress.stopped_early:
         put_checkpoint(store, checkpoint_prefix(job, progress.stage), policy)
@@ -202,7 +216,12 @@ SERVICE_KINDS = {"rollout": [OFFLINE], "projector": [PROJECT], "trainer": [TRAIN
 class Worker:
     """Claims tasks of `kinds`, runs their handlers, heartbeats while they run."""
 
-    def __init__(self, kinds: list[str], bus: TaskBus, jobs: JobRegistry, store: ObjectStore, consumer: str):
+    def __init__(self, kinds: list[str], bus: TaskBus, jobs: JobRegistry, store: ObjectStore, consumer: str,
+                 observer: Observer | None = None, fail_fast: bool = False):
+        """`fail_fast` (the embedded run): a handler error propagates instead of being retried; the
+        task stays pending, so running again retries it."""
+        self.observer = observer
+        self.fail_fast = fail_fast
         self.kinds = kinds
         self.bus = bus
         self.jobs = jobs
@@ -240,12 +259,16 @@ class Worker:
         try:
             if self.jobs.cancel_requested(job):
                 raise Cancelled(job)
+            t0 = time.perf_counter()
             result = HANDLERS[task.kind](self.cache, self.jobs, task.payload,
-                                         lambda: self.bus.heartbeat(task, self.consumer))
+                                         lambda: self.bus.heartbeat(task, self.consumer), self.observer)
+            result["seconds"] = time.perf_counter() - t0  # compute cost, for wall-clock accounting
             self.bus.complete(task, result)
         except Cancelled:
             self.bus.complete(task, {"cancelled": True})
         except Exception as err:
+            if self.fail_fast:
+                raise
             log.exception("task %s failed (attempt %d)", task.task_id, task.attempt)
             self.jobs.event(job, "task_failed", f"{task.task_id} attempt {task.attempt}: {type(err).__name__}: {err}")
             self.bus.fail(task, "".join(traceback.format_exception_only(type(err), err)).strip())

@@ -104,8 +104,11 @@ class TaskBus:
                 continue
 
     # ------------------------------------------------------------ consumer
-    def claim(self, kind: str, consumer: str, block_ms: int = 1000) -> Task | None:
-        """The next task for `consumer`: a stale one first (its worker went silent), else a new one."""
+    def claim(self, kind: str, consumer: str, block_ms: int | None = 1000) -> Task | None:
+        """The next task for `consumer`: a stale one first (its worker went silent), else a new one.
+
+        Waits up to `block_ms` for a new task; None does not wait.
+        """
         self._ensure_group(kind)
         task = None
         if (kind, consumer) not in self._recovered:

