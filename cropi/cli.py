@@ -226,6 +226,7 @@ def serve(
     visibility_timeout: float = typer.Option(60.0, "--visibility-timeout", min=0.1,
                                              help="seconds of worker silence before its task is reclaimed"),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="deliveries before a task is dead-lettered"),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="workers: serve Prometheus /metrics here"),
 ) -> None:
     """Start one service (what the containers run; the tests start them as processes)."""
     import logging
@@ -262,8 +263,14 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    metrics = None
+    if metrics_port:
+        from cropi.runtime.metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(bus, SERVICE_KINDS[service])
+        metrics.serve(metrics_port, host)
     err_console.print(f"{service} worker {name}: consuming {', '.join(SERVICE_KINDS[service])} tasks")
-    Worker(SERVICE_KINDS[service], bus, jobs, store, name).run(stop)
+    Worker(SERVICE_KINDS[service], bus, jobs, store, name, metrics=metrics).run(stop)
 
 
 @bench_app.command("acceleration")

@@ -37,10 +37,10 @@ class LocalCluster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, service: str, name: str | None = None) -> subprocess.Popen:
+    def start(self, service: str, name: str | None = None, *extra: str) -> subprocess.Popen:
         name = name or service
         args = ["serve", service, "--redis", self.redis.url, "--store", self.store,
-                "--visibility-timeout", str(self.visibility_timeout)]
+                "--visibility-timeout", str(self.visibility_timeout), *extra]
         if service == "controller":
             args += ["--port", str(self.port)]
         else:

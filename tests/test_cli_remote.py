@@ -5,8 +5,11 @@ import json
 import os
 import subprocess
 
+import httpx
 import pytest
 import yaml
+
+from cropi.runtime.redis_server import free_port
 
 from .conftest import TEST_MODEL, cli_command
 from .services import TOKEN
@@ -41,7 +44,8 @@ def job_file(tmp_path):
 
 def test_submit_wait_then_status_list_and_logs(cluster, job_file):
     cluster.start("controller")
-    cluster.start("trainer")
+    metrics_port = free_port()
+    cluster.start("trainer", "trainer", "--metrics-port", str(metrics_port))
     r = cropi("submit", str(job_file), "--wait", controller=cluster.url)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "submitted cli-job" in r.stdout and "cli-job: done" in r.stdout
@@ -51,6 +55,10 @@ def test_submit_wait_then_status_list_and_logs(cluster, job_file):
     log = cropi("logs", "cli-job", controller=cluster.url).stdout
     for kind in ("submitted", "stage_started", "selected", "eval", "stage_done", "done"):
         assert kind in log, log
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'cropi_tasks_total{kind="train",outcome="succeeded"} 1.0' in metrics
+    assert 'cropi_trainer_step{job="cli-job"} 2.0' in metrics
+    assert 'cropi_queue_depth{kind="train",state="pending"} 0.0' in metrics
 
 
 def test_cancel_stops_a_job(cluster, job_file):

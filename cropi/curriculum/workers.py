@@ -32,6 +32,7 @@ from cropi.curriculum.state import Progress
 from cropi.data.sources import JobData, load_job_data
 from cropi.influence.engine import InfluenceEngine
 from cropi.runtime.jobs import JobRegistry
+from cropi.runtime.metrics import WorkerMetrics
 from cropi.runtime.queue import Task, TaskBus
 from cropi.runtime.store import ObjectStore
 from cropi.spec import JobSpec, parse_spec_yaml
@@ -217,10 +218,12 @@ class Worker:
     """Claims tasks of `kinds`, runs their handlers, heartbeats while they run."""
 
     def __init__(self, kinds: list[str], bus: TaskBus, jobs: JobRegistry, store: ObjectStore, consumer: str,
-                 observer: Observer | None = None, fail_fast: bool = False):
+                 observer: Observer | None = None, fail_fast: bool = False, metrics: WorkerMetrics | None = None):
         """`fail_fast` (the embedded run): a handler error propagates instead of being retried; the
         task stays pending, so running again retries it."""
-        self.observer = observer
+        self.metrics = metrics
+        self.observer = self._observe if metrics else observer
+        self._outer_observer = observer
         self.fail_fast = fail_fast
         self.kinds = kinds
         self.bus = bus
@@ -228,6 +231,20 @@ class Worker:
         self.cache = JobCache(store)
         self.consumer = consumer
         self.done = 0
+        self._current_job = "?"
+
+    def _observe(self, event: str, **data: Any) -> None:
+        record = data.get("record", {})
+        job = self._current_job
+        if event == "metric" and record.get("kind") == "train":
+            self.metrics.step.labels(job).set(record["step"])
+            self.metrics.reward.labels(job).set(record.get("reward_mean", 0.0))
+        elif event == "metric" and record.get("kind") == "eval_summary":
+            for key, value in record.items():
+                if key not in ("kind", "step"):
+                    self.metrics.accuracy.labels(job, key).set(value)
+        if self._outer_observer:
+            self._outer_observer(event, **data)
 
     def run(self, stop: threading.Event, max_tasks: int | None = None) -> None:
         while not stop.is_set() and (max_tasks is None or self.done < max_tasks):
@@ -255,17 +272,19 @@ class Worker:
 
         beater = threading.Thread(target=beat_loop, daemon=True)
         beater.start()
-        job = task.payload.get("job", "?")
+        job = self._current_job = task.payload.get("job", "?")
+        outcome, t0 = "failed", time.perf_counter()
         try:
             if self.jobs.cancel_requested(job):
                 raise Cancelled(job)
-            t0 = time.perf_counter()
             result = HANDLERS[task.kind](self.cache, self.jobs, task.payload,
                                          lambda: self.bus.heartbeat(task, self.consumer), self.observer)
             result["seconds"] = time.perf_counter() - t0  # compute cost, for wall-clock accounting
             self.bus.complete(task, result)
+            outcome = "succeeded"
         except Cancelled:
             self.bus.complete(task, {"cancelled": True})
+            outcome = "cancelled"
         except Exception as err:
             if self.fail_fast:
                 raise
@@ -276,3 +295,6 @@ class Worker:
             stop_beat.set()
             beater.join()
             self.done += 1
+            if self.metrics:
+                self.metrics.tasks.labels(task.kind, outcome).inc()
+                self.metrics.task_seconds.labels(task.kind).observe(time.perf_counter() - t0)
