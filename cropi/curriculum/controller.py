@@ -186,17 +186,17 @@ class Controller:
                             {"job": job, "stage": stage, "set": set_name, "part": index})
 
     def _select(self, job: str, v: JobView, stage: int) -> None:
-        if stored_selection(self.store, v.spec, stage) is None:
+        selection = stored_selection(self.store, v.spec, stage)
+        if selection is None:
             if needs_offline(v.spec) and not v.influence.offline:
                 v.influence.load_offline(v.data)
+            # The projectors' time is part of what this selection cost (wall-clock accounting).
             projection_s = 0.0
             if needs_projection(v.spec, stage):
                 for set_name, index in v.influence.stage_parts():
-                    projection_s += (self.bus.result(project_task_id(job, stage, set_name, index)) or {}).get(
-                        "seconds", 0.0)
+                    result = self.bus.result(project_task_id(job, stage, set_name, index)) or {}
+                    projection_s += result.get("seconds", 0.0)
             selection = select_stage(v.spec, v.data, self.store, v.influence, stage, extra_seconds=projection_s)
-        else:
-            selection = stored_selection(self.store, v.spec, stage)
         self.jobs.event(job, "selected", f"stage {stage}: {v.spec.curriculum.selector} selected "
                         f"{len(selection.prompt_ids)} of {len(v.data.pool)} prompts ({selection.eligible} eligible)",
                         stage=stage, selected=len(selection.prompt_ids), eligible=selection.eligible)

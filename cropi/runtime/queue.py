@@ -119,30 +119,19 @@ class TaskBus:
         if task is not None:
             return task
         reply = self.r.xreadgroup(GROUP, consumer, {self.stream(kind): ">"}, count=1, block=block_ms)
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                task = self._deliver(kind, entry_id, fields)
-                if task is not None:
-                    return task
-        return None
+        return self._first_task(kind, [e for _stream, entries in reply or [] for e in entries])
 
     def _own_pending(self, kind: str, consumer: str) -> Task | None:
         """A restarted worker (same consumer name) first takes back what it held when it died."""
         reply = self.r.xreadgroup(GROUP, consumer, {self.stream(kind): "0"}, count=10)
-        for _stream, entries in reply or []:
-            for entry_id, fields in entries:
-                if not fields:
-                    self.r.xack(self.stream(kind), GROUP, entry_id)
-                    continue
-                task = self._deliver(kind, entry_id, fields)
-                if task is not None:
-                    return task
-        return None
+        return self._first_task(kind, [e for _stream, entries in reply or [] for e in entries])
 
     def _reclaim(self, kind: str, consumer: str) -> Task | None:
         reply = self.r.xautoclaim(self.stream(kind), GROUP, consumer, self.visibility_ms, start_id="0-0", count=1)
         # Redis 6.2 replies [cursor, entries]; 7+ adds the ids it found deleted.
-        entries = reply[1] if len(reply) > 1 else []
+        return self._first_task(kind, reply[1] if len(reply) > 1 else [])
+
+    def _first_task(self, kind: str, entries: list) -> Task | None:
         for entry_id, fields in entries:
             if not fields:  # trimmed from the stream while pending
                 self.r.xack(self.stream(kind), GROUP, entry_id)
