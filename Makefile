@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# A fresh demo every time: runs/demo may hold an older version of the demo job.
 demo: setup
-	$(VENV)/bin/cropi run examples/arith.yaml --out runs/demo --restart
+	rm -rf runs/demo
+	$(VENV)/bin/cropi run examples/arith.yaml --out runs/demo
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -131,3 +131,18 @@ def test_a_dead_lettered_task_reports_its_failure(bus):
     for _ in range(3):
         bus.fail(bus.claim("eval", "w", block_ms=50), "boom")
     assert bus.failure("x") == "boom" and bus.failure("unknown") is None
+
+
+def test_the_private_server_works_from_a_relative_or_very_long_run_folder(tmp_path, monkeypatch):
+    from cropi.runtime.redis_server import RedisServer
+
+    monkeypatch.chdir(tmp_path)
+    long_dir = tmp_path / ("x" * 60) / ("y" * 60)
+    for folder in ("runs/demo/redis", long_dir):
+        server = RedisServer(folder).start()
+        try:
+            assert server.client().ping()
+            assert len(str(server.socket_path)) <= 107
+            assert (tmp_path / folder / "redis.log").exists() or (long_dir / "redis.log").exists()
+        finally:
+            server.stop()

@@ -70,7 +70,7 @@ def load_checkpoint_weights(store: ObjectStore, prefix: str, policy: Policy) -> 
     with tempfile.TemporaryDirectory() as tmp:
         for key in keys:
             (Path(tmp) / key.rsplit("/", 1)[1]).write_bytes(store.get(key))
-        loaded = AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=policy.model.dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=policy.model.dtype)
     policy.model.load_state_dict(loaded.state_dict())
 
 

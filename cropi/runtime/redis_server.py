@@ -8,11 +8,13 @@ with its streams, pending lists and results.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,11 +63,14 @@ class RedisServer:
     """redis-server on a unix socket (default) or a loopback TCP port, data in `data_dir`."""
 
     def __init__(self, data_dir: Path, tcp_port: int | None = None, password: str | None = None):
-        self.data_dir = Path(data_dir)
+        # Absolute: redis-server changes into --dir, so relative paths would point elsewhere.
+        self.data_dir = Path(data_dir).resolve()
         self.tcp_port = tcp_port
         self.password = password
-        # unix socket paths are limited to ~100 bytes; keep it short and next to the data.
         self.socket_path = self.data_dir / "redis.sock"
+        if len(str(self.socket_path)) > 100:  # unix socket paths are limited to ~107 bytes
+            digest = hashlib.sha1(str(self.data_dir).encode()).hexdigest()[:16]
+            self.socket_path = Path(tempfile.gettempdir()) / f"cropi-redis-{digest}.sock"
         self.process: subprocess.Popen | None = None
 
     @property
