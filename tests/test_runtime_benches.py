@@ -7,7 +7,7 @@ from cropi.bench.queue import run_queue_bench
 
 
 def test_queue_bench_loses_nothing_and_keeps_each_result_once_under_kills():
-    report = run_queue_bench(tasks=400, consumers=2, kill_every_s=0.3, visibility_s=0.5)
+    report = run_queue_bench(tasks=1000, consumers=2, kill_every_s=0.3, visibility_s=0.5)
     assert report["kills"] >= 1, "the benchmark must actually kill consumers"
     assert report["lost"] == 0 and report["wrong_results"] == 0
     assert report["results_kept_twice"] == 0

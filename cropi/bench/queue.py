@@ -63,12 +63,15 @@ def run_queue_bench(tasks: int = 10_000, consumers: int = 4, kill_every_s: float
             for _ in range(consumers):
                 spawn()
             kills, start = 0, time.perf_counter()
-            next_kill = start + kill_every_s
+            next_kill = None  # the first kill comes as soon as consumers are working, then one per period
             while True:
-                if len(r.keys("cropi:result:*")) >= tasks:
+                done = len(r.keys("cropi:result:*"))
+                if done >= tasks:
                     break
                 now = time.perf_counter()
-                if now >= next_kill:
+                if next_kill is None and done > 0:
+                    next_kill = now
+                if next_kill is not None and now >= next_kill:
                     victim = rng.choice(sorted(procs))
                     os.kill(procs.pop(victim).pid, signal.SIGKILL)
                     kills += 1
