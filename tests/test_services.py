@@ -29,5 +29,10 @@ def test_services_reach_the_embedded_runs_selections_and_metrics(cluster, embedd
     embedded = [json.loads(line) for line in (embedded_reference / "metrics.jsonl").read_text().splitlines()]
     assert comparable_metrics(service_metrics) == comparable_metrics(embedded)
 
+    events = [json.loads(line) for line in
+              (tmp_path / "store" / "jobs" / JOB["name"] / "events.jsonl").read_text().splitlines()]
+    assert events[0]["kind"] == "submitted" and events[-1]["kind"] == "done"
+    assert sum(e["kind"] == "stage_done" for e in events) == 2
+
     counts = JobRegistry(redis_server.client()).step_counts(JOB["name"])
     assert counts == {step: 1 for step in range(1, 7)}, "every training step exactly once"

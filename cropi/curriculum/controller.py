@@ -97,8 +97,8 @@ class Controller:
                     moved = True
             except Exception as err:  # a job's failure must not stop the others
                 log.exception("job %s failed", job)
-                self.jobs.update(job, phase="failed", status="failed", error=f"{type(err).__name__}: {err}")
-                self.jobs.event(job, "failed", f"{type(err).__name__}: {err}")
+                message = f"{type(err).__name__}: {err}"
+                self._end(job, "failed", "failed", message, error=message)
                 moved = True
         return moved
 
@@ -108,8 +108,7 @@ class Controller:
         if rec is None or rec["phase"] in TERMINAL:
             return False
         if rec["cancel"]:
-            self._set(job, phase="cancelled", status="cancelled")
-            self.jobs.event(job, "cancelled", "job cancelled")
+            self._end(job, "cancelled", "cancelled", "job cancelled")
             return False
         phase, stage = rec["phase"], rec["stage"]
         v = self.view(job)
@@ -152,8 +151,8 @@ class Controller:
             r = result[train_task_id(job, stage)]
             self.jobs.event(job, "stage_done", f"stage {stage} done at step {r['end_step']}", **r["summary"])
             if r["stopped_early"] or stage + 1 >= v.spec.curriculum.stages:
-                self._set(job, phase="done", status="succeeded", step=r["end_step"])
-                self.jobs.event(job, "done", f"job {job} finished after {r['end_step']} steps")
+                self._end(job, "done", "succeeded", f"job {job} finished after {r['end_step']} steps",
+                          step=r["end_step"])
             else:
                 self._enter_stage(job, v, stage + 1)
             return True
@@ -162,6 +161,13 @@ class Controller:
     # ------------------------------------------------------------ helpers
     def _set(self, job: str, **fields) -> None:
         self.jobs.update(job, **fields)
+
+    def _end(self, job: str, phase: str, status: str, message: str, **fields) -> None:
+        """A terminal transition; the job's events are archived beside its artifacts (DESIGN.md §5)."""
+        self._set(job, phase=phase, status=status, **fields)
+        self.jobs.event(job, phase, message)
+        events = self.jobs.events(job, count=1_000_000)
+        self.store.put(f"jobs/{job}/events.jsonl", "".join(json.dumps(e) + "\n" for e in events).encode())
 
     def _enter_stage(self, job: str, v: JobView, stage: int) -> None:
         if needs_projection(v.spec, stage):

@@ -13,6 +13,7 @@ killed mid-stage resumes after its last completed step, wherever it restarts.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 import threading
@@ -205,8 +206,6 @@ def _train_result(progress: Progress, stage: int) -> dict:
 
 
 def _jsonl(record: dict) -> str:
-    import json
-
     return json.dumps(record) + "\n"
 
 
