@@ -3,6 +3,7 @@ validation that names the field, limits, and nothing stored changed by a
 refused request. (The stage machine is off here; test_services runs it.)"""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -144,3 +145,18 @@ def test_every_v1_route_needs_the_token(api):
                          ("get", "/v1/jobs/api-job/events")]:
         assert getattr(anonymous, method)(path).status_code == 401, path
     assert json.loads(api.redis.hget("cropi:job:api-job", "cancel")) == 0
+
+
+def test_the_committed_openapi_spec_matches_the_api(api):
+    """docs/openapi.json is what clients are generated from; regenerate it with
+    `python -c "from tests.test_api import write_openapi; write_openapi()"` after changing the API."""
+    committed = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
+    assert committed == api.app.openapi()
+
+
+def write_openapi() -> None:
+    import redis as redis_lib
+
+    r = redis_lib.Redis()  # never contacted: building the schema does not touch Redis
+    app = create_app(TaskBus(r), JobRegistry(r), LocalStore(Path("/tmp/cropi-openapi")), "x", run_loop=False)
+    (Path(__file__).parent.parent / "docs" / "openapi.json").write_text(json.dumps(app.openapi(), indent=2) + "\n")
