@@ -2,6 +2,7 @@
 the visibility timeout, retries then dead letters, results exactly once."""
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +144,6 @@ def test_the_private_server_works_from_a_relative_or_very_long_run_folder(tmp_pa
         try:
             assert server.client().ping()
             assert len(str(server.socket_path)) <= 107
-            assert (tmp_path / folder / "redis.log").exists() or (long_dir / "redis.log").exists()
+            assert (Path(folder).resolve() / "redis.log").exists()
         finally:
             server.stop()

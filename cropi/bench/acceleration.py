@@ -81,16 +81,11 @@ def bench_spec(base: JobSpec, schedule: Schedule, seed: int, selector: str) -> J
 
 
 def _copy_keys(src: Path, dst: Path, prefixes: list[str]) -> None:
-    """Copy stored objects (with their checksum sidecars) between two run stores."""
+    """Copy stored folders (objects with their checksum sidecars) between two run stores."""
     for prefix in prefixes:
         source = src / "store" / prefix
         if source.is_dir():
             shutil.copytree(source, dst / "store" / prefix, dirs_exist_ok=True)
-        elif source.is_file():
-            target = dst / "store" / prefix
-            target.parent.mkdir(parents=True, exist_ok=True)
-            for sibling in source.parent.glob(source.name + "*"):
-                shutil.copy2(sibling, target.parent / sibling.name)
 
 
 def _share_from_cropi(seed_dir: Path, spec: JobSpec) -> None:

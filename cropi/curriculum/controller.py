@@ -69,6 +69,9 @@ class Controller:
         self.jobs = jobs
         self.store = store
         self._views: dict[str, JobView] = {}
+        # (job, phase, stage) whose tasks this controller has submitted. Empty after a restart, so
+        # a restarted controller re-submits once (a no-op for tasks already there), not every tick.
+        self._emitted: set[tuple[str, str, int]] = set()
 
     # ------------------------------------------------------------ submit
     def submit(self, spec: JobSpec) -> bool:
@@ -115,15 +118,14 @@ class Controller:
         if phase == "queued":
             if needs_offline(v.spec):
                 self._set(job, phase=OFFLINE, status="running")
-                self._emit_offline(job, v)
             else:
                 self._enter_stage(job, v, 0)
             return True
+        if phase in (OFFLINE, PROJECT, TRAIN):
+            self._emit_once(job, v, phase, stage)
         if phase == OFFLINE:
-            self._emit_offline(job, v)  # idempotent: re-emits after a controller restart
-            results = self._all_done(job, [offline_task_id(job, s, i) for s, i in v.influence.offline_parts(v.data)],
-                                     return_results=True)
-            if not results:
+            results = self._results([offline_task_id(job, s, i) for s, i in v.influence.offline_parts(v.data)])
+            if results is None:
                 return False
             if not self.store.exists(offline_timing_key(v.spec)):
                 seconds = sum(r.get("seconds", 0.0) for r in results.values())
@@ -133,22 +135,19 @@ class Controller:
             self._enter_stage(job, v, 0)
             return True
         if phase == PROJECT:
-            self._emit_project(job, v, stage)
-            if not self._all_done(job, [project_task_id(job, stage, s, i) for s, i in v.influence.stage_parts()]):
+            if self._results([project_task_id(job, stage, s, i) for s, i in v.influence.stage_parts()]) is None:
                 return False
             self._set(job, phase="select")
             return True
         if phase == "select":
             self._select(job, v, stage)
             self._set(job, phase=TRAIN)
-            self.bus.submit(TRAIN, train_task_id(job, stage), {"job": job, "stage": stage})
             return True
         if phase == TRAIN:
-            self.bus.submit(TRAIN, train_task_id(job, stage), {"job": job, "stage": stage})
-            result = self._all_done(job, [train_task_id(job, stage)], return_results=True)
-            if not result:
+            results = self._results([train_task_id(job, stage)])
+            if results is None:
                 return False
-            r = result[train_task_id(job, stage)]
+            r = results[train_task_id(job, stage)]
             self.jobs.event(job, "stage_done", f"stage {stage} done at step {r['end_step']}", **r["summary"])
             if r["stopped_early"] or stage + 1 >= v.spec.curriculum.stages:
                 self._end(job, "done", "succeeded", f"job {job} finished after {r['end_step']} steps",
@@ -171,25 +170,28 @@ class Controller:
 
     def _enter_stage(self, job: str, v: JobView, stage: int) -> None:
         if needs_projection(v.spec, stage):
-            if not v.influence.offline:
-                v.influence.load_offline(v.data)
             self._set(job, phase=PROJECT, stage=stage, status="running")
-            self._emit_project(job, v, stage)
         else:
             self._set(job, phase="select", stage=stage, status="running")
         self.jobs.event(job, "stage_started", f"stage {stage} started", stage=stage)
 
-    def _emit_offline(self, job: str, v: JobView) -> None:
-        for set_name, index in v.influence.offline_parts(v.data):
-            self.bus.submit(OFFLINE, offline_task_id(job, set_name, index),
-                            {"job": job, "set": set_name, "part": index})
-
-    def _emit_project(self, job: str, v: JobView, stage: int) -> None:
-        if not v.influence.offline:
-            v.influence.load_offline(v.data)
-        for set_name, index in v.influence.stage_parts():
-            self.bus.submit(PROJECT, project_task_id(job, stage, set_name, index),
-                            {"job": job, "stage": stage, "set": set_name, "part": index})
+    def _emit_once(self, job: str, v: JobView, phase: str, stage: int) -> None:
+        """Submit the phase's tasks (after the phase was persisted; ids are deterministic)."""
+        if (job, phase, stage) in self._emitted:
+            return
+        if phase == OFFLINE:
+            for set_name, index in v.influence.offline_parts(v.data):
+                self.bus.submit(OFFLINE, offline_task_id(job, set_name, index),
+                                {"job": job, "set": set_name, "part": index})
+        elif phase == PROJECT:
+            if not v.influence.offline:
+                v.influence.load_offline(v.data)
+            for set_name, index in v.influence.stage_parts():
+                self.bus.submit(PROJECT, project_task_id(job, stage, set_name, index),
+                                {"job": job, "stage": stage, "set": set_name, "part": index})
+        else:
+            self.bus.submit(TRAIN, train_task_id(job, stage), {"job": job, "stage": stage})
+        self._emitted.add((job, phase, stage))
 
     def _select(self, job: str, v: JobView, stage: int) -> None:
         selection = stored_selection(self.store, v.spec, stage)
@@ -207,7 +209,8 @@ class Controller:
                         f"{len(selection.prompt_ids)} of {len(v.data.pool)} prompts ({selection.eligible} eligible)",
                         stage=stage, selected=len(selection.prompt_ids), eligible=selection.eligible)
 
-    def _all_done(self, job: str, task_ids: list[str], return_results: bool = False):
+    def _results(self, task_ids: list[str]) -> dict[str, dict] | None:
+        """Every task's result, or None while any is missing; a dead-lettered task fails the job."""
         for task_id in task_ids:
             error = self.bus.failure(task_id)
             if error is not None:
@@ -216,9 +219,9 @@ class Controller:
         for task_id in task_ids:
             r = self.bus.result(task_id)
             if r is None:
-                return None if return_results else False
+                return None
             results[task_id] = r
-        return results if return_results else True
+        return results
 
 
 @lru_cache(maxsize=8)

@@ -196,7 +196,7 @@ class EmbeddedRun:
             if not fresh and rec["phase"] not in TERMINAL:
                 console.print(f"[bold]resuming[/] at step {rec['step']} ({rec['phase']}, stage {rec['stage']})")
             if not fresh:  # the live log may hold records of steps the killed run did not save
-                truncate_metrics(self.run_dir, _saved_step(store, spec))
+                truncate_metrics(self.run_dir, rec["step"])
             with (self.run_dir / "metrics.jsonl").open("a" if not fresh else "w") as live:
                 self._live_metrics = live
                 worker = Worker(list(KINDS), bus, jobs, store, "embedded", observer=self.observe, fail_fast=True)
@@ -261,14 +261,6 @@ class EmbeddedRun:
         )
         (self.run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
         return result
-
-
-def _saved_step(store: LocalStore, spec: JobSpec) -> int:
-    key = trainer_state_key(spec.name)
-    if not store.exists(key):
-        return 0
-    state = torch.load(io.BytesIO(store.get(key)), map_location="cpu", weights_only=False)
-    return state["progress"]["step"]
 
 
 def _fmt_acc(results: dict[str, dict[str, float]]) -> str:

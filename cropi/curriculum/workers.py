@@ -147,15 +147,19 @@ def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: C
         policy.load_state_dict(state["policy"])
         progress, records = Progress(**state["progress"]), state["records"]
     counted = {"step": progress.step if progress else 0}
+    # Stages whose metrics file is behind `records`; all of them after a restart, since the
+    # previous process may have died between saving its state and writing the file.
+    dirty = set(records)
 
     def metric(kind: str, step: int, **values: Any) -> None:
         st = progress.stage if progress else 0
         record = {"kind": kind, "step": step, **values}
         records.setdefault(str(st), []).append(record)
+        dirty.add(str(st))
         if observer:
             observer("metric", record=record)
         if kind == "eval_summary":
-            jobs.update(job, step=step, metrics=values)
+            jobs.update(job, metrics=values)  # the step is recorded when it is saved
             jobs.event(job, "eval", f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()),
                        step=step, **values)
 
@@ -163,8 +167,9 @@ def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: C
         buf = io.BytesIO()
         torch.save({"policy": policy.state_dict(), "progress": asdict(p), "records": records}, buf)
         store.put(state_key, buf.getvalue())
-        for st, recs in records.items():
-            store.put(f"jobs/{job}/stages/{st}/metrics.jsonl", "".join(_jsonl(r) for r in recs).encode())
+        for st in sorted(dirty):
+            store.put(f"jobs/{job}/stages/{st}/metrics.jsonl", "".join(_jsonl(r) for r in records[st]).encode())
+        dirty.clear()
         for step in range(counted["step"] + 1, p.step + 1):
             jobs.count_step(job, step)
         if p.step > counted["step"]:

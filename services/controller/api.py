@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+from contextlib import asynccontextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -79,9 +80,26 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
     if not token:
         raise InputError("the controller needs a bearer token: set CROPI_TOKEN or CROPI_TOKEN_FILE")
     controller = Controller(bus, jobs, store)
-    app = FastAPI(title="cropi controller", version="1", description=__doc__)
-    bearer = HTTPBearer(auto_error=False)
     stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                if not controller.tick():
+                    stop.wait(tick_s)
+            except Exception:  # Redis restarting, store unreachable: log, wait, go on
+                log.exception("controller tick failed; retrying")
+                stop.wait(1.0)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if run_loop:
+            threading.Thread(target=loop, name="stage-machine", daemon=True).start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="cropi controller", version="1", description=__doc__, lifespan=lifespan)
+    bearer = HTTPBearer(auto_error=False)
 
     def authorized(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         if cred is None or not hmac.compare_digest(cred.credentials.encode(), token.encode()):
@@ -159,24 +177,6 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
             for key, value in rec["metrics"].items():
                 acc.labels(name, key).set(value)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                if not controller.tick():
-                    stop.wait(tick_s)
-            except Exception:  # Redis restarting, store unreachable: log, wait, go on
-                log.exception("controller tick failed; retrying")
-                stop.wait(1.0)
-
-    if run_loop:
-        @app.on_event("startup")
-        def start_loop() -> None:
-            threading.Thread(target=loop, name="stage-machine", daemon=True).start()
-
-        @app.on_event("shutdown")
-        def stop_loop() -> None:
-            stop.set()
 
     app.state.controller = controller
     return app
