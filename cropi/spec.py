@@ -67,6 +67,8 @@ class RolloutSpec(_Section):
     max_new_tokens: int = Field(16, gt=0)
     engine: Literal["hf", "vllm"] = "hf"
     batch_size: int = Field(256, gt=0, description="sequences per generation batch")
+    tensor_parallel: int = Field(1, gt=0, description="GPUs per vLLM replica (engine: vllm)")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of its GPUs' memory")
 
 
 class OfflineSpec(_Section):
@@ -121,6 +123,24 @@ class EvalSpec(_Section):
     temperature: float | None = Field(None, gt=0, description="sampling temperature; defaults to rollout.temperature")
 
 
+class RaySpec(_Section):
+    """Placement of the Ray executor's components (`executor: ray`)."""
+
+    address: str | None = Field(None, description="Ray cluster to join (e.g. ray://head:10001, auto); "
+                                                 "empty: RAY_ADDRESS, else a local Ray")
+    num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray (default: max(cores, 6))")
+    projector_actors: int = Field(2, gt=0, description="actors of the gradient-projection pool")
+    projector_gpus: float = Field(0, ge=0, description="GPUs per projection actor")
+    rollout_replicas: int = Field(1, gt=0, description="Ray Serve replicas of the rollout deployment")
+    rollout_gpus: float = Field(0, ge=0, description="GPUs per rollout replica (vLLM: rollout.tensor_parallel)")
+    trainer_workers: int = Field(2, gt=0, description="Ray Train workers (DeepSpeed data-parallel ranks)")
+    trainer_gpus: float = Field(0, ge=0, description="GPUs per trainer worker (0: CPU with gloo)")
+    zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage of the trainer")
+    weight_sync: Literal["broadcast", "store"] = Field(
+        "broadcast", description="trainer -> rollout: torch.distributed broadcast, or a checkpoint in the store")
+    sync_bucket_mb: int = Field(64, gt=0, description="bucket size of the broadcast weight sync")
+
+
 class JobSpec(_Section):
     name: str = "cropi-job"
     model: ModelSpec = ModelSpec()
@@ -131,6 +151,9 @@ class JobSpec(_Section):
     curriculum: CurriculumSpec = CurriculumSpec()
     influence: InfluenceSpec = InfluenceSpec()
     eval: EvalSpec = EvalSpec()
+    executor: Literal["inline", "ray"] = Field(
+        "inline", description="inline: tasks run in the worker process; ray: on the Ray components of `ray`")
+    ray: RaySpec = RaySpec()
     seed: int = 0
 
     @field_validator("name")

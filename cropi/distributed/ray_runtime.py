@@ -1,0 +1,50 @@
+"""Connecting to Ray: a remote cluster when an address is given, else a local one.
+
+Every Ray component of cropi calls `init_ray` first, so a process uses one
+Ray session whichever component starts it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+# Local Ray declares at least this many logical CPUs: the pool, the rollout
+# replica and the trainer workers hold their actors while the embedded run
+# works through its tasks one at a time, so logical CPUs may exceed cores.
+MIN_LOCAL_CPUS = 6
+
+# Each actor declares one or more CPUs; these keep torch/numba/BLAS from
+# starting a thread per core in every actor (2 actors x 2 cores x threads).
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def actor_env(threads: int = 1) -> dict[str, str]:
+    """Environment for an actor that should use `threads` CPU threads."""
+    return {name: str(threads) for name in _THREAD_ENV}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join Ray once per process: `address` (or RAY_ADDRESS), else start a local instance."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common = dict(namespace="cropi", log_to_driver=False, ignore_reinit_error=True)
+    if address:
+        ray.init(address=address, **common)
+        return
+    cpus = num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS)
+    ray.init(num_cpus=cpus, num_gpus=0 if not _has_cuda() else None, include_dashboard=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, **common)
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
