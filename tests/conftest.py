@@ -102,3 +102,14 @@ def cluster(redis_server, tmp_path, tiny_model):
     c = LocalCluster(redis_server, str(tmp_path / "store"), tmp_path / "logs")
     yield c
     c.stop_all()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the test session (6 logical CPUs on 2 cores: actors mostly wait on each other)."""
+    ray = pytest.importorskip("ray", reason="the Ray executor needs the `ray` extra")
+    from cropi.distributed.ray_runtime import init_ray, shutdown_ray
+
+    init_ray(num_cpus=6)
+    yield ray
+    shutdown_ray()

@@ -44,6 +44,11 @@ class S3Store:
         if create_bucket:
             self._retry(self._ensure_bucket)
 
+    @property
+    def url(self) -> str:
+        """What `open_store` reopens this store from; endpoint and keys come from CROPI_S3_* there."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
     def _ensure_bucket(self) -> None:
         if not self.client.bucket_exists(self.bucket):
             try:

@@ -48,6 +48,9 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
 
+    @property
+    def url(self) -> str: ...
+
 
 class LocalStore:
     """A folder on disk laid out exactly like the bucket."""
@@ -55,6 +58,11 @@ class LocalStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        """What `open_store` reopens this store from (in another process or Ray actor)."""
+        return str(self.root.resolve())
 
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)
