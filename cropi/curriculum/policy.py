@@ -24,7 +24,7 @@ from cropi.data.verifiers import reward
 from cropi.evaluation import evaluate, targeted_mean
 from cropi.models.loading import load_policy
 from cropi.rl.trainer import GRPOTrainer
-from cropi.rollout.base import SamplingParams
+from cropi.rollout.base import RolloutEngine, SamplingParams, Trajectory
 from cropi.rollout.hf import HFRolloutEngine
 from cropi.spec import JobSpec
 
@@ -41,7 +41,6 @@ class Policy:
         ref = copy.deepcopy(self.model) if spec.rl.kl_coef > 0 else None
         self.engine = HFRolloutEngine(self.model, self.tokenizer, spec.rollout.batch_size)
         self.trainer = GRPOTrainer(self.model, ref, self.tokenizer.pad_token_id, spec.rl, spec.rollout.temperature)
-        self.eval_tokens = spec.eval.max_new_tokens or spec.rollout.max_new_tokens
 
     # ----------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -55,33 +54,45 @@ class Policy:
 
     # ----------------------------------------------------------- work
     def evaluate(self, data: JobData, step: int, log: Log) -> dict[str, dict[str, float]]:
-        ev = self.spec.eval
-        results = evaluate(
-            self.engine, data.eval_sets, self.eval_tokens, samples=ev.samples,
-            temperature=ev.temperature or self.spec.rollout.temperature,
-            seed=stream_seed("eval", self.spec.seed, step) % 2**63,
-        )
-        for name, metrics in results.items():
-            log("eval", step, set=name, targeted=name in data.validation, **metrics)
-        targeted = list(data.validation)
-        if targeted:
-            metrics = results[targeted[0]]
-            log("eval_summary", step, **{f"targeted_{m}": targeted_mean(results, targeted, m) for m in metrics})
-        return results
+        return evaluate_policy(self.spec, self.engine, data, step, log)
 
     def train_step(self, step: int, prompts: Sequence[Prompt]) -> dict[str, float]:
-        r = self.spec.rollout
-        sampling = SamplingParams(
-            temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-            seed=stream_seed("rollout", self.spec.seed, step) % 2**63,
-        )
         t0 = time.perf_counter()
-        groups = self.engine.generate([p.text for p in prompts], r.n, sampling)
-        rewards = [[reward(p, t.text) for t in g] for p, g in zip(prompts, groups)]
+        groups, rewards = sample_groups(self.spec, self.engine, step, prompts)
         t1 = time.perf_counter()
         stats = self.trainer.step(groups, rewards)
         stats.update(rollout_s=t1 - t0, train_s=time.perf_counter() - t1)
         return stats
+
+
+def sample_groups(spec: JobSpec, engine: RolloutEngine, step: int,
+                  prompts: Sequence[Prompt]) -> tuple[list[list[Trajectory]], list[list[float]]]:
+    """The rollouts of training step `step` and their rewards (seeded by step: any engine, same draws)."""
+    r = spec.rollout
+    sampling = SamplingParams(
+        temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+        seed=stream_seed("rollout", spec.seed, step) % 2**63,
+    )
+    groups = engine.generate([p.text for p in prompts], r.n, sampling)
+    return groups, [[reward(p, t.text) for t in g] for p, g in zip(prompts, groups)]
+
+
+def evaluate_policy(spec: JobSpec, engine: RolloutEngine, data: JobData, step: int,
+                    log: Log) -> dict[str, dict[str, float]]:
+    """Accuracy on every evaluation set at `step`, logged per set and as the targeted summary."""
+    ev = spec.eval
+    results = evaluate(
+        engine, data.eval_sets, ev.max_new_tokens or spec.rollout.max_new_tokens, samples=ev.samples,
+        temperature=ev.temperature or spec.rollout.temperature,
+        seed=stream_seed("eval", spec.seed, step) % 2**63,
+    )
+    for name, metrics in results.items():
+        log("eval", step, set=name, targeted=name in data.validation, **metrics)
+    targeted = list(data.validation)
+    if targeted:
+        metrics = results[targeted[0]]
+        log("eval_summary", step, **{f"targeted_{m}": targeted_mean(results, targeted, m) for m in metrics})
+    return results
 
 
 def stage_prompts(data: JobData, selection: Selection) -> list[Prompt]:

@@ -134,54 +134,95 @@ def handle_project(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat:
     return {"stage": stage, "set": payload["set"], "part": payload["part"]}
 
 
+class TrainerJournal:
+    """The trainer's progress and metric records, persisted to the store with each saved step.
+
+    One per train task. `commit` stores the trainer state (the caller's weights and
+    optimizer, or where it put them, plus progress and records), rewrites the
+    metrics files of the stages that changed, counts the new steps exactly once
+    and stops the task when the job was cancelled.
+    """
+
+    def __init__(self, store: ObjectStore, jobs: JobRegistry, job: str, heartbeat: Callable[[], None],
+                 observer: Observer | None = None):
+        self.store, self.jobs, self.job = store, jobs, job
+        self.heartbeat, self.observer = heartbeat, observer
+        self.progress: Progress | None = None
+        self.records: dict[str, list[dict]] = {}
+        self._dirty: set[str] = set()
+        self._counted = 0
+
+    def load(self) -> dict | None:
+        """The stored trainer state (None on a fresh job); restores progress and records from it."""
+        key = trainer_state_key(self.job)
+        if not self.store.exists(key):
+            return None
+        state = torch.load(io.BytesIO(self.store.get(key)), map_location="cpu", weights_only=False)
+        self.progress, self.records = Progress(**state["progress"]), state["records"]
+        self._counted = self.progress.step
+        # All stages: the previous process may have died between saving its state and writing the files.
+        self._dirty = set(self.records)
+        return state
+
+    def metric(self, kind: str, step: int, **values: Any) -> None:
+        stage = self.progress.stage if self.progress else 0
+        record = {"kind": kind, "step": step, **values}
+        self.records.setdefault(str(stage), []).append(record)
+        self._dirty.add(str(stage))
+        if self.observer:
+            self.observer("metric", record=record)
+        if kind == "eval_summary":
+            self.jobs.update(self.job, metrics=values)  # the step is recorded when it is saved
+            self.jobs.event(self.job, "eval", f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()),
+                            step=step, **values)
+
+    def commit(self, progress: Progress, trainer_state: dict[str, Any]) -> None:
+        self.progress = progress
+        buf = io.BytesIO()
+        torch.save({**trainer_state, "progress": asdict(progress), "records": self.records}, buf)
+        self.store.put(trainer_state_key(self.job), buf.getvalue())
+        for st in sorted(self._dirty):
+            self.store.put(f"jobs/{self.job}/stages/{st}/metrics.jsonl",
+                           "".join(_jsonl(r) for r in self.records[st]).encode())
+        self._dirty.clear()
+        for step in range(self._counted + 1, progress.step + 1):
+            self.jobs.count_step(self.job, step)
+        if progress.step > self._counted:
+            self.jobs.update(self.job, step=progress.step)
+        self._counted = max(self._counted, progress.step)
+        self.heartbeat()
+        if self.jobs.cancel_requested(self.job):
+            raise Cancelled(self.job)
+
+
 def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None],
                  observer: Observer | None = None) -> dict:
     job, stage = payload["job"], payload["stage"]
-    spec, data, store = cache.spec(job), cache.data(job), cache.store
+    data, store = cache.data(job), cache.store
     policy = cache.fresh_policy(job)
-    state_key = trainer_state_key(job)
-    records: dict[str, list[dict]] = {}
-    progress: Progress | None = None
-    if store.exists(state_key):
-        state = torch.load(io.BytesIO(store.get(state_key)), map_location="cpu", weights_only=False)
+    journal = TrainerJournal(store, jobs, job, heartbeat, observer)
+    state = journal.load()
+    if state is not None:
         policy.load_state_dict(state["policy"])
-        progress, records = Progress(**state["progress"]), state["records"]
-    counted = {"step": progress.step if progress else 0}
-    # Stages whose metrics file is behind `records`; all of them after a restart, since the
-    # previous process may have died between saving its state and writing the file.
-    dirty = set(records)
-
-    def metric(kind: str, step: int, **values: Any) -> None:
-        st = progress.stage if progress else 0
-        record = {"kind": kind, "step": step, **values}
-        records.setdefault(str(st), []).append(record)
-        dirty.add(str(st))
-        if observer:
-            observer("metric", record=record)
-        if kind == "eval_summary":
-            jobs.update(job, metrics=values)  # the step is recorded when it is saved
-            jobs.event(job, "eval", f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()),
-                       step=step, **values)
 
     def save(p: Progress) -> None:
-        buf = io.BytesIO()
-        torch.save({"policy": policy.state_dict(), "progress": asdict(p), "records": records}, buf)
-        store.put(state_key, buf.getvalue())
-        for st in sorted(dirty):
-            store.put(f"jobs/{job}/stages/{st}/metrics.jsonl", "".join(_jsonl(r) for r in records[st]).encode())
-        dirty.clear()
-        for step in range(counted["step"] + 1, p.step + 1):
-            jobs.count_step(job, step)
-        if p.step > counted["step"]:
-            jobs.update(job, step=p.step)
-        counted["step"] = p.step
-        heartbeat()
-        if jobs.cancel_requested(job):
-            raise Cancelled(job)
+        journal.commit(p, {"policy": policy.state_dict()})
 
+    return run_train_task(policy, data, journal, stage, save, observer)
+
+
+def run_train_task(policy: Any, data: JobData, journal: TrainerJournal, stage: int,
+                   save: Callable[[Progress], None], observer: Observer | None = None,
+                   put_final: Callable[[str], None] | None = None) -> dict:
+    """One stage of training on `policy` (a `Policy` or anything with its interface), resumable.
+
+    `put_final(prefix)` stores the HF checkpoint of the policy (default: `put_checkpoint`).
+    """
+    spec, store, job = policy.spec, journal.store, journal.job
+    progress = journal.progress
     if progress is None:
-        progress = Progress()
-        progress.before = progress.after = progress.stage_before = policy.evaluate(data, 0, metric)
+        progress = journal.progress = Progress()
+        progress.before = progress.after = progress.stage_before = policy.evaluate(data, 0, journal.metric)
         save(progress)
     if progress.stage > stage:  # a re-delivered task whose work was saved already
         return _train_result(progress, stage)
@@ -192,13 +233,14 @@ def handle_train(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: C
         raise RuntimeError(f"job {job}: stage {stage} has no stored selection")
     if observer:
         observer("stage_started", stage=stage, progress=progress, selection=selection)
-    train_stage(policy, data, progress, selection, metric, save,
+    train_stage(policy, data, progress, selection, journal.metric, save,
                 on_step=(lambda stats: observer("step", progress=progress, stats=stats)) if observer else None)
     finish_stage(policy, data, progress, selection)
+    put_final = put_final or (lambda prefix: put_checkpoint(store, prefix, policy))
     if progress.stage < spec.curriculum.stages and not progress.stopped_early:
-        put_checkpoint(store, checkpoint_prefix(job, progress.stage), policy)
+        put_final(checkpoint_prefix(job, progress.stage))
     else:
-        put_checkpoint(store, f"jobs/{job}/final/checkpoint", policy)
+        put_final(f"jobs/{job}/final/checkpoint")
     save(progress)
     return _train_result(progress, stage)
 
