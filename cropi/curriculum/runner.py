@@ -113,8 +113,9 @@ def _sft_progress(console: Console):
 
 class EmbeddedRun:
     def __init__(self, spec: JobSpec, run_dir: Path, console: Console | None = None):
-        if spec.rollout.engine != "hf":
-            raise InputError("rollout.engine: the embedded run uses the 'hf' engine (vLLM needs the GPU services)")
+        if spec.rollout.engine != "hf" and spec.executor != "ray":
+            raise InputError("rollout.engine: vllm runs in the Ray rollout service; set executor: ray "
+                             "(the inline executor uses the 'hf' engine)")
         self.spec = spec
         self.run_dir = run_dir
         self.console = console or Console()
@@ -204,6 +205,7 @@ class EmbeddedRun:
                     self._drive(controller, worker, jobs)
                 finally:
                     self._close_bar()
+                    worker.close()
             rec = jobs.get(spec.name)
             if rec["phase"] == "failed":
                 raise RuntimeError(f"job {spec.name} failed: {rec['error']}")
@@ -223,17 +225,21 @@ class EmbeddedRun:
                 phase_seen = (rec["phase"], rec["stage"])
                 depth = controller.bus.depth(rec["phase"])
                 self._phase_bar(rec["phase"], depth["waiting"] + depth["pending"])
-            task = None
+            tasks = []
             for kind in KINDS:
-                task = controller.bus.claim(kind, worker.consumer, block_ms=None)
-                if task is not None:
+                tasks = worker.claim_some(kind, self._parallel(kind), block_ms=None)
+                if tasks:
                     break
-            if task is None:
+            if not tasks:
                 raise RuntimeError(f"job {job} is stuck in phase {rec['phase']!r}: no task to run and no "
                                    "transition possible (a bug; the run folder keeps its state)")
-            worker.process(task)
-            if task.kind in (OFFLINE, PROJECT) and self._bar is not None:
-                self._bar.advance(self._bar_task)
+            worker.process_all(tasks)
+            if tasks[0].kind in (OFFLINE, PROJECT) and self._bar is not None:
+                self._bar.advance(self._bar_task, len(tasks))
+
+    def _parallel(self, kind: str) -> int:
+        """Tasks run at once: one per projection actor when the pool does the work, else one."""
+        return self.spec.ray.projector_actors if kind == PROJECT and self.spec.executor == "ray" else 1
 
     def _finish(self, store: LocalStore, seconds: float) -> RunResult:
         spec, job = self.spec, self.spec.name

@@ -20,6 +20,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -264,9 +265,13 @@ class Worker:
     """Claims tasks of `kinds`, runs their handlers, heartbeats while they run."""
 
     def __init__(self, kinds: list[str], bus: TaskBus, jobs: JobRegistry, store: ObjectStore, consumer: str,
-                 observer: Observer | None = None, fail_fast: bool = False, metrics: WorkerMetrics | None = None):
+                 observer: Observer | None = None, fail_fast: bool = False, metrics: WorkerMetrics | None = None,
+                 parallel: int = 1):
         """`fail_fast` (the embedded run): a handler error propagates instead of being retried; the
-        task stays pending, so running again retries it."""
+        task stays pending, so running again retries it. `parallel`: tasks of a kind claimed and run
+        at once (a projector feeding a Ray pool of that many actors)."""
+        self.parallel = parallel
+        self._ray = None
         self.metrics = metrics
         self.observer = self._observe if metrics else observer
         self._outer_observer = observer
@@ -297,9 +302,9 @@ class Worker:
             worked = False
             try:
                 for kind in self.kinds:
-                    task = self.bus.claim(kind, self.consumer, block_ms=200)
-                    if task is not None:
-                        self.process(task)
+                    tasks = self.claim_some(kind, self.parallel, block_ms=200)
+                    if tasks:
+                        self.process_all(tasks)
                         worked = True
             except Exception:  # Redis or the store away for longer than the clients retry: wait, go on
                 log.exception("worker %s: bus unavailable; retrying in 1 s", self.consumer)
@@ -307,6 +312,43 @@ class Worker:
                 continue
             if not worked:
                 stop.wait(0.05)
+
+    def claim_some(self, kind: str, limit: int, block_ms: int | None) -> list[Task]:
+        """Up to `limit` tasks of `kind` (waiting up to `block_ms` for the first only)."""
+        first = self.bus.claim(kind, self.consumer, block_ms=block_ms)
+        tasks = [first] if first else []
+        while tasks and len(tasks) < limit:
+            more = self.bus.claim(kind, self.consumer, block_ms=None)
+            if more is None:
+                break
+            tasks.append(more)
+        return tasks
+
+    def process_all(self, tasks: list[Task]) -> None:
+        """Run `tasks` concurrently (each on its own thread; their compute is elsewhere, e.g. Ray actors)."""
+        if len(tasks) == 1:
+            self.process(tasks[0])
+            return
+        with ThreadPoolExecutor(len(tasks)) as threads:
+            for future in [threads.submit(self.process, t) for t in tasks]:
+                future.result()  # re-raises a fail_fast error
+
+    def handler(self, task: Task) -> Callable[..., dict]:
+        """The inline handler, or the Ray executor's for a job with `executor: ray`."""
+        job = task.payload.get("job")
+        if job is None or self.cache.spec(job).executor != "ray":
+            return HANDLERS[task.kind]
+        if self._ray is None:
+            from cropi.distributed.executor import RayExecutor  # needs the `ray` extra
+
+            self._ray = RayExecutor()
+        return getattr(self._ray, task.kind)
+
+    def close(self) -> None:
+        """Release the Ray components (pool actors, rollout services) this worker started."""
+        if self._ray is not None:
+            self._ray.close()
+            self._ray = None
 
     def process(self, task: Task) -> None:
         stop_beat = threading.Event()
@@ -323,8 +365,8 @@ class Worker:
         try:
             if self.jobs.cancel_requested(job):
                 raise Cancelled(job)
-            result = HANDLERS[task.kind](self.cache, self.jobs, task.payload,
-                                         lambda: self.bus.heartbeat(task, self.consumer), self.observer)
+            result = self.handler(task)(self.cache, self.jobs, task.payload,
+                                        lambda: self.bus.heartbeat(task, self.consumer), self.observer)
             result["seconds"] = time.perf_counter() - t0  # compute cost, for wall-clock accounting
             self.bus.complete(task, result)
             outcome = "succeeded"

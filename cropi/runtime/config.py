@@ -54,3 +54,13 @@ def open_store(url: str | None = None) -> ObjectStore:
     if parsed.scheme in ("", "file"):
         return LocalStore(Path(parsed.path if parsed.scheme == "file" else url))
     raise InputError(f"store {url}: unsupported scheme {parsed.scheme!r} (use a folder path or s3://)")
+
+
+def redis_url_of(client: redis.Redis) -> str:
+    """The URL another process (a Ray worker) opens to reach the same Redis as `client`."""
+    kw = client.connection_pool.connection_kwargs
+    auth = f":{kw['password']}@" if kw.get("password") else ""
+    if kw.get("path"):
+        return f"unix://{auth}{kw['path']}?db={kw.get('db', 0)}"
+    scheme = "rediss" if client.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
+    return f"{scheme}://{auth}{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
