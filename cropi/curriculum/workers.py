@@ -145,7 +145,10 @@ class TrainerJournal:
     """
 
     def __init__(self, store: ObjectStore, jobs: JobRegistry, job: str, heartbeat: Callable[[], None],
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, keeper: bool = True):
+        """`keeper=False`: follow progress without storing or reporting anything (the other ranks
+        of a distributed trainer, whose rank 0 keeps the journal)."""
+        self.keeper = keeper
         self.store, self.jobs, self.job = store, jobs, job
         self.heartbeat, self.observer = heartbeat, observer
         self.progress: Progress | None = None
@@ -170,6 +173,8 @@ class TrainerJournal:
         record = {"kind": kind, "step": step, **values}
         self.records.setdefault(str(stage), []).append(record)
         self._dirty.add(str(stage))
+        if not self.keeper:
+            return
         if self.observer:
             self.observer("metric", record=record)
         if kind == "eval_summary":
@@ -179,6 +184,8 @@ class TrainerJournal:
 
     def commit(self, progress: Progress, trainer_state: dict[str, Any]) -> None:
         self.progress = progress
+        if not self.keeper:
+            return
         buf = io.BytesIO()
         torch.save({**trainer_state, "progress": asdict(progress), "records": self.records}, buf)
         self.store.put(trainer_state_key(self.job), buf.getvalue())

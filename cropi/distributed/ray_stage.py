@@ -1,0 +1,199 @@
+"""One curriculum stage on Ray Train: ZeRO-3 ranks train, the rollout service samples.
+
+Every rank runs the same stage loop as the inline trainer (`run_train_task`,
+`train_stage`) over a `RayPolicy`:
+
+    rank 0   samples each step's rollouts on the rollout service (at the
+             weights of the previous step), hands them to every rank, keeps
+             the journal (progress, metrics, step accounting) and evaluates
+    all      take the ZeRO-3 GRPO step on their shard of the batch, publish
+             the new weights to the rollout replicas, save their checkpoint
+             shards to the store
+
+Batches, seeds and the stage logic are those of the inline executor, so the
+two differ only by the floating-point order of a sharded update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cropi.curriculum.policy import evaluate_policy, sample_groups
+from cropi.curriculum.state import Progress
+from cropi.curriculum.workers import (
+    JobCache,
+    Observer,
+    TrainerJournal,
+    run_train_task,
+)
+from cropi.data.sources import JobData
+from cropi.data.types import Prompt
+from cropi.runtime.jobs import JobRegistry
+from cropi.spec import JobSpec
+
+
+def zero_slot(job: str, step: int) -> str:
+    """Two alternating checkpoint slots: a save that dies halfway never spoils the one the state points to."""
+    return f"jobs/{job}/trainer/zero/slot-{step % 2}"
+
+
+def weights_prefix(job: str) -> str:
+    return f"jobs/{job}/trainer/weights"
+
+
+def _broadcast(obj: Any, rank: int) -> Any:
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class WeightPublisher:
+    """After each step, the trainer's weights go to every rollout replica (all ranks call `publish`)."""
+
+    def __init__(self, spec: JobSpec, trainer: Any, tokenizer: Any, store: Any, app_name: str, rank: int):
+        from cropi.distributed.weight_channel import get_or_create_board, node_address
+
+        self.spec, self.trainer, self.tokenizer, self.store, self.rank = spec, trainer, tokenizer, store, rank
+        self.board = get_or_create_board(app_name) if rank == 0 else None
+        self.group = None
+        if spec.ray.weight_sync == "broadcast" and rank == 0:
+            from cropi.distributed.weight_sync import SyncGroup
+            from cropi.runtime.redis_server import free_port
+
+            host, port = node_address(), free_port()
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            self.board.announce.remote({"path": "broadcast", "host": host, "port": port, "backend": backend})
+            self.group = SyncGroup.create_sender(host, port, receivers=spec.ray.rollout_replicas, backend=backend)
+
+    def publish(self, version: int) -> None:
+        if self.spec.ray.weight_sync == "broadcast":
+            from cropi.distributed.weight_sync import send_weights
+
+            send_weights(self.trainer.model, self.group, version, self.spec.ray.sync_bucket_mb << 20)
+            return
+        prefix = weights_prefix(self.spec.name)
+        self.trainer.export_hf(self.store, prefix, self.tokenizer)
+        if self.rank == 0:
+            import ray
+
+            ray.get(self.board.announce.remote({"path": "store", "store_url": self.store.url, "prefix": prefix,
+                                                "version": version}))
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
+
+
+class RayPolicy:
+    """The `Policy` interface of the stage loop, over ZeRO-3 ranks and the rollout service."""
+
+    def __init__(self, spec: JobSpec, trainer: Any, engine: Any, publisher: WeightPublisher, rank: int):
+        self.spec, self.trainer, self.engine, self.publisher, self.rank = spec, trainer, engine, publisher, rank
+        self.version = 0  # the trainer step whose weights the rollout replicas must hold
+
+    def sync(self, version: int) -> None:
+        self.publisher.publish(version)
+        self.version = version
+
+    def evaluate(self, data: JobData, step: int, log: Callable[..., None]) -> dict[str, dict[str, float]]:
+        results = evaluate_policy(self.spec, self.engine, data, step, log) if self.rank == 0 else None
+        return _broadcast(results, self.rank)  # every rank sees the same progress (early stopping)
+
+    def train_step(self, step: int, prompts: Sequence[Prompt]) -> dict[str, float]:
+        import time
+
+        t0 = time.perf_counter()
+        batch = sample_groups(self.spec, self.engine, step, prompts) if self.rank == 0 else None
+        groups, rewards = _broadcast(batch, self.rank)
+        t1 = time.perf_counter()
+        stats = self.trainer.step(groups, rewards)
+        t2 = time.perf_counter()
+        self.sync(step)
+        stats.update(rollout_s=t1 - t0, train_s=t2 - t1, sync_s=time.perf_counter() - t2)
+        return stats
+
+
+def stage_worker(config: dict) -> dict | None:
+    """The per-rank loop (runs inside a Ray Train worker); rank 0 returns the task's result."""
+    import ray.train
+    from ray import serve
+
+    from cropi.distributed.rollout_serve import ServeRolloutEngine
+    from cropi.distributed.zero3 import ZeroGRPOTrainer
+    from cropi.models.loading import load_policy
+    from cropi.runtime.config import open_store, redis_client
+
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    store = open_store(config["store_url"])
+    cache = JobCache(store)
+    job, stage = config["job"], config["stage"]
+    spec, data = cache.spec(job), cache.data(job)
+    jobs = JobRegistry(redis_client(config["redis_url"]))
+
+    torch.manual_seed(spec.seed)
+    model, tokenizer = load_policy(spec.model.path, spec.model.dtype)
+    ref = None
+    if spec.rl.kl_coef > 0:
+        ref, _ = load_policy(spec.model.path, spec.model.dtype)
+    trainer = ZeroGRPOTrainer(model, ref, tokenizer.pad_token_id, spec.rl, spec.rollout.temperature,
+                              zero_stage=spec.ray.zero_stage)
+    # Only rank 0 keeps the journal; every rank reads the stored state (nobody writes it before
+    # the first save below) and follows the same progress.
+    journal = TrainerJournal(store, jobs, job, heartbeat=lambda: None, keeper=rank == 0)
+    state = journal.load()
+    if state is not None:
+        trainer.load_state(store, state["zero"])
+
+    engine = None
+    if rank == 0:
+        handle = serve.get_app_handle(config["app_name"])
+        engine = ServeRolloutEngine(handle, min_version_fn=lambda: policy.version)
+    publisher = WeightPublisher(spec, trainer, tokenizer, store, config["app_name"], rank)
+    policy = RayPolicy(spec, trainer, engine, publisher, rank)
+    try:
+        policy.sync(journal.progress.step if journal.progress else 0)
+
+        def save(progress: Progress) -> None:
+            slot = zero_slot(job, progress.step)
+            trainer.save_state(store, slot)
+            dist.barrier()  # every rank's shard is stored before the state points at the slot
+            journal.commit(progress, {"zero": slot, "executor": "ray"})
+
+        def put_final(prefix: str) -> None:
+            trainer.export_hf(store, prefix, tokenizer)
+
+        result = run_train_task(policy, data, journal, stage, save, put_final=put_final)
+    finally:
+        publisher.close()
+    return result if rank == 0 else None
+
+
+def train_stage_on_ray(cache: JobCache, jobs: JobRegistry, payload: dict, redis_url: str, app_name: str,
+                       observer: Observer | None = None) -> dict:
+    """Driver side of a `train` task: one Ray Train run of `stage_worker` on the job's trainer workers."""
+    from cropi.curriculum.selection import stored_selection
+    from cropi.distributed.ray_trainer import run_on_ray_train
+
+    job, stage = payload["job"], payload["stage"]
+    spec, store = cache.spec(job), cache.store
+    if observer:  # the embedded run's display; the ranks report through the journal
+        journal = TrainerJournal(store, jobs, job, heartbeat=lambda: None)
+        journal.load()
+        selection = stored_selection(store, spec, stage)
+        progress = journal.progress or Progress()
+        if progress.stage == stage and selection is not None:
+            observer("stage_started", stage=stage, progress=progress, selection=selection)
+    config = {"store_url": store.url, "redis_url": redis_url, "job": job, "stage": stage, "app_name": app_name}
+    result = run_on_ray_train(stage_worker, config, workers=spec.ray.trainer_workers, gpus=spec.ray.trainer_gpus)
+    if observer:
+        state_records = TrainerJournal(store, jobs, job, heartbeat=lambda: None)
+        state_records.load()
+        for record in state_records.records.get(str(stage), []):
+            observer("metric", record=record)
+    return result
+
