@@ -227,8 +227,15 @@ def serve(
                                              help="seconds of worker silence before its task is reclaimed"),
     max_attempts: int = typer.Option(3, "--max-attempts", min=1, help="deliveries before a task is dead-lettered"),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="workers: serve Prometheus /metrics here"),
+    parallel: int = typer.Option(1, "--parallel", min=1,
+                                 help="workers: tasks run at once (a projector feeding a Ray pool: its actors)"),
 ) -> None:
-    """Start one service (what the containers run; the tests start them as processes)."""
+    """Start one service (what the containers run; the tests start them as processes).
+
+    A worker runs the tasks of `executor: inline` jobs itself and hands those of
+    `executor: ray` jobs to Ray (the projection pool, the Ray Serve rollout
+    service, Ray Train), joining the job's `ray.address` or RAY_ADDRESS.
+    """
     import logging
     import os
     import signal
@@ -270,7 +277,11 @@ def serve(
         metrics = WorkerMetrics(bus, SERVICE_KINDS[service])
         metrics.serve(metrics_port, host)
     err_console.print(f"{service} worker {name}: consuming {', '.join(SERVICE_KINDS[service])} tasks")
-    Worker(SERVICE_KINDS[service], bus, jobs, store, name, metrics=metrics).run(stop)
+    worker = Worker(SERVICE_KINDS[service], bus, jobs, store, name, metrics=metrics, parallel=parallel)
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()
 
 
 @bench_app.command("acceleration")
