@@ -306,6 +306,21 @@ def bench_acceleration(
         print(json.dumps(report))
 
 
+@bench_app.command("pool")
+def bench_pool(
+    actors: int = typer.Option(2, "--actors", min=2, help="pool size compared with a 1-actor pool"),
+    out: Path = typer.Option(Path("bench-out/pool"), "--out", help="folder for pool.json"),
+    pool_size: int = typer.Option(2048, "--pool-size", min=1, help="prompts projected per run"),
+    model: str = typer.Option("builtin:tiny-arith", "--model", help="model path (builtin:, folder or hub id)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Parts/s of the Ray projection pool with 1 actor vs --actors (goal: 1.7x with 2), on local Ray."""
+    from cropi.bench.pool import run_pool_bench
+
+    report = run_pool_bench(out, actors=actors, model=model, pool_size=pool_size)
+    _print_report(report, as_json, "projection pool scaling (parts/s, ratio measured in this run)")
+
+
 @bench_app.command("queue")
 def bench_queue(
     tasks: int = typer.Option(10_000, "--tasks", min=1),
