@@ -1,0 +1,1 @@
+"""The rollout service as a Ray Serve application (`app.build_app`)."""
