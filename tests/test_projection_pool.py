@@ -35,6 +35,9 @@ SPEC = {
     "rollout": {"max_new_tokens": 4},
     "offline": {"n_pool": 4, "n_valid": 4, "temperature": 1.0},
     "influence": {"proj_dim": 256, "max_valid_prompts": 8},
+    # What a projector service does with the job's tasks (the pool tests drive a pool directly).
+    "executor": "ray",
+    "ray": {"projector_actors": 2},
 }
 GRADS = f"jobs/{JOB}/stages/0/grads/"
 
@@ -143,11 +146,11 @@ def test_an_actor_killed_while_projecting_is_replaced_and_its_part_redone(ray_lo
     ray_local.get([a.__ray_ready__.remote() for a in pool.actors], timeout=60)  # the replacement is alive
 
 
-def test_the_pool_service_completes_the_project_tasks_on_the_bus(pool, redis_server, pool_store, stage_parts,
-                                                                 inline_grads):
+def test_a_projector_service_runs_a_ray_jobs_tasks_on_the_pool(ray_local, redis_server, pool_store, stage_parts,
+                                                               inline_grads):
+    from cropi.curriculum.workers import Worker
     from cropi.runtime.jobs import JobRegistry
     from cropi.runtime.queue import TaskBus
-    from services.projector.pool_driver import PoolProjectorService
 
     client = redis_server.client()
     bus = TaskBus(client, visibility_timeout_s=5)
@@ -155,15 +158,17 @@ def test_the_pool_service_completes_the_project_tasks_on_the_bus(pool, redis_ser
     for task_id, (set_name, part) in zip(ids, stage_parts):
         bus.submit(PROJECT, task_id, {"job": JOB, "stage": 0, "set": set_name, "part": part})
 
-    service = PoolProjectorService(pool, bus, JobRegistry(client), pool_store, "pool-projector")
+    # `cropi serve projector --parallel 2`: two tasks claimed at once, run on the job's pool.
+    service = Worker([PROJECT], bus, JobRegistry(client), pool_store, "pool-projector", parallel=2)
     stop = threading.Event()
     runner = threading.Thread(target=service.run, args=(stop,))
     runner.start()
     try:
-        results = bus.wait(ids, timeout_s=120)
+        results = bus.wait(ids, timeout_s=180)
     finally:
         stop.set()
         runner.join()
+        service.close()
 
     assert [(r["set"], r["part"]) for r in map(results.get, ids)] == stage_parts
     assert _objects(pool_store.root) == inline_grads

@@ -13,7 +13,7 @@ from rich.console import Console
 from cropi.curriculum.runner import run_job
 from cropi.spec import parse_spec
 
-from .services import JOB, stored_selections
+from .services import JOB, comparable_metrics, stored_selections
 
 pytest.importorskip("ray", reason="the Ray executor needs the `ray` extra")
 pytest.importorskip("deepspeed", reason="the Ray trainer needs the `ray` extra (deepspeed)")
@@ -36,12 +36,15 @@ def test_a_two_stage_ray_job_selects_what_the_inline_executor_selects(embedded_r
     assert got == want
     assert got[1]["eligible"] > 0
 
-    # The sharded update differs from the single-process one only in float rounding, so the
-    # training records agree closely (the rollouts are the same draws at nearly the same weights).
+    # The sharded update differs from the single-process one only in float rounding (the
+    # rollouts are the same seeded draws at nearly the same weights), so every record agrees.
+    ray_records = comparable_metrics(_records(tmp_path / "run"))
+    inline_records = comparable_metrics(_records(embedded_reference))
+    assert [(r["kind"], r["step"]) for r in ray_records] == [(r["kind"], r["step"]) for r in inline_records]
+    for got_r, want_r in zip(ray_records, inline_records):
+        got_r.pop("sync_s", None)
+        assert got_r == pytest.approx(want_r, rel=1e-4, abs=1e-6), (got_r, want_r)
     ray_train = [r for r in _records(tmp_path / "run") if r["kind"] == "train"]
-    inline_train = [r for r in _records(embedded_reference) if r["kind"] == "train"]
-    assert [r["step"] for r in ray_train] == [r["step"] for r in inline_train]
-    assert [r["reward_mean"] for r in ray_train] == pytest.approx([r["reward_mean"] for r in inline_train], abs=0.05)
     assert "sync_s" in ray_train[0]
     assert (tmp_path / "run" / "checkpoint" / "config.json").is_file()
 

@@ -117,9 +117,20 @@ class RayExecutor:
         spec = cache.spec(payload["job"])
         self.rollout_handle(spec)
         try:
-            return train_stage_on_ray(cache, jobs, payload, redis_url_of(jobs.r), rollout_app_name(spec.name),
-                                      observer)
+            result = train_stage_on_ray(cache, jobs, payload, redis_url_of(jobs.r), rollout_app_name(spec.name),
+                                        observer)
         except Exception:
             if jobs.cancel_requested(payload["job"]):
                 raise Cancelled(payload["job"]) from None
             raise
+        if result["stopped_early"] or result["stage"] == spec.curriculum.stages - 1:
+            self.stop_rollout(spec.name)  # the job's last task: free the replicas' CPUs/GPUs
+        return result
+
+    def stop_rollout(self, job: str) -> None:
+        from cropi.distributed.rollout_serve import stop_rollout_service
+
+        app = rollout_app_name(job)
+        with self._lock:
+            self._apps.pop(app, None)
+        stop_rollout_service(app)

@@ -14,7 +14,6 @@ exhausts memory each time would otherwise eat the cluster's actors one by one).
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -27,7 +26,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from cropi.curriculum.workers import JobCache
-from cropi.distributed.ray_runtime import actor_env, init_ray
+from cropi.distributed.ray_runtime import actor_env, forwarded_env, init_ray
 from cropi.influence.engine import InfluenceEngine
 from cropi.influence.popi import POPIProjector
 from cropi.runtime.config import open_store
@@ -35,9 +34,6 @@ from cropi.runtime.config import open_store
 Part = tuple[str, int]  # (set name, part index), as `InfluenceEngine.stage_parts` lists them
 OnDone = Callable[[Part, dict], None]
 
-# Actors must reach the same store and model cache as the driver.
-_FORWARDED_VARS = ("CROPI_CACHE",)
-_FORWARDED_PREFIXES = ("CROPI_S3_", "AWS_")
 
 
 class PoolError(RuntimeError):
@@ -94,7 +90,7 @@ class ProjectionPool:
         if actors < 1 or max_attempts < 1:
             raise ValueError("a pool needs at least one actor and one attempt per part")
         init_ray()
-        env = {**actor_env(threads_per_actor), **_forwarded_env()}
+        env = {**actor_env(threads_per_actor), **forwarded_env()}
         self._actor_class = ray.remote(ProjectorActor).options(
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=0,  # the pool replaces, not Ray
             runtime_env={"env_vars": env})
@@ -207,7 +203,3 @@ def handle_project_on_pool(pool: ProjectionPool, payload: dict) -> dict:
     job, stage, set_name, part = payload["job"], payload["stage"], payload["set"], payload["part"]
     pool.project_parts(job, stage, [(set_name, part)])
     return {"stage": stage, "set": set_name, "part": part}
-
-
-def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in _FORWARDED_VARS or k.startswith(_FORWARDED_PREFIXES)}

@@ -25,6 +25,17 @@ def actor_env(threads: int = 1) -> dict[str, str]:
     return {name: str(threads) for name in _THREAD_ENV}
 
 
+# What actors on other nodes need from the driver's environment (they do not inherit it): the
+# built-in model's cache, the HF cache settings and the object store's credentials.
+_FORWARDED_VARS = ("CROPI_CACHE", "HF_HOME", "HF_HUB_OFFLINE")
+_FORWARDED_PREFIXES = ("CROPI_S3_", "AWS_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's variables every cropi actor and Ray Train worker gets."""
+    return {k: v for k, v in os.environ.items() if k in _FORWARDED_VARS or k.startswith(_FORWARDED_PREFIXES)}
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join Ray once per process: `address` (or RAY_ADDRESS), else start a local instance."""
     if ray.is_initialized():

@@ -14,13 +14,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-# The object store's credentials: workers on other nodes do not inherit the driver's environment.
-FORWARDED_ENV_PREFIXES = ("CROPI_S3_", "AWS_")
-
-
-def forwarded_env() -> dict[str, str]:
-    """The driver's environment variables that workers need to reach the object store."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+from cropi.distributed.ray_runtime import forwarded_env
 
 
 def _rank_entry(config: dict[str, Any]) -> Any:

@@ -52,9 +52,6 @@ DEFAULT_MAX_BATCH = 8
 DEFAULT_BATCH_WAIT_S = 0.01
 DEFAULT_VERSION_WAIT_S = 600.0
 _POLL_S = 0.02
-# Variables a replica needs from the driver's environment: the built-in model's cache and store credentials.
-_FORWARDED_VARS = ("CROPI_CACHE", "HF_HOME", "HF_HUB_OFFLINE")
-_FORWARDED_PREFIXES = ("CROPI_S3_", "AWS_")
 
 
 class RolloutServiceError(RuntimeError):
@@ -159,11 +156,11 @@ def rollout_app(config: RolloutConfig, *, replicas: int = 1, cpus: float = 1, gp
                 max_batch_size: int = DEFAULT_MAX_BATCH, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
                 version_wait_s: float = DEFAULT_VERSION_WAIT_S, board: str | None = None) -> serve.Application:
     """The Serve application of a rollout service (`board`: the app whose weight board replicas follow)."""
-    from cropi.distributed.ray_runtime import actor_env
+    from cropi.distributed.ray_runtime import actor_env, forwarded_env
 
     threads = max(1, int(cpus))
     actor: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus,
-                             "runtime_env": {"env_vars": {**actor_env(threads), **_forwarded_env()}}}
+                             "runtime_env": {"env_vars": {**actor_env(threads), **forwarded_env()}}}
     options: dict[str, Any] = {"num_replicas": replicas, "ray_actor_options": actor}
     if config.engine == "vllm":
         if config.tensor_parallel > 1:
@@ -252,7 +249,3 @@ def _failure(app_name: str) -> str:
     messages = [d.message for d in app.deployments.values() if d.message] if app else []
     lines = [line.strip() for m in messages for line in m.splitlines() if line.strip()]
     return lines[-1] if lines else "no error reported (see the Serve controller log)"
-
-
-def _forwarded_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in _FORWARDED_VARS or k.startswith(_FORWARDED_PREFIXES)}
