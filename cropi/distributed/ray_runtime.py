@@ -46,7 +46,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, **common)
         return
     cpus = num_cpus or max(os.cpu_count() or 1, MIN_LOCAL_CPUS)
-    ray.init(num_cpus=cpus, num_gpus=0 if not _has_cuda() else None, include_dashboard=False,
+    # address="local": a new instance, never a `ray start` cluster that happens to run on this machine.
+    ray.init(address="local", num_cpus=cpus, num_gpus=0 if not _has_cuda() else None, include_dashboard=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, **common)
 
 

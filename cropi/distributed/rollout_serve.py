@@ -212,12 +212,12 @@ def stop_rollout_service(app_name: str) -> None:
     """Delete the Serve app and its weight board (a later service starts from the base weights)."""
     import ray
 
-    from cropi.distributed.weight_channel import board_name
+    from cropi.distributed.weight_channel import BOARD_NAMESPACE, board_name
 
     if _app_status(app_name) is not None:
         serve.delete(app_name)
     try:
-        ray.kill(ray.get_actor(board_name(app_name)))
+        ray.kill(ray.get_actor(board_name(app_name), namespace=BOARD_NAMESPACE))
     except ValueError:  # no board: nobody followed or announced
         pass
 

@@ -52,13 +52,18 @@ class WeightBoard:
         return (self.epoch, self.info) if self.epoch > epoch else None
 
 
+BOARD_NAMESPACE = "cropi"
+
+
 def board_name(app_name: str) -> str:
     return f"{app_name}-weights"
 
 
 def get_or_create_board(app_name: str) -> ray.actor.ActorHandle:
     """The service's board (created by whoever comes first; lives as long as the Ray namespace)."""
-    return WeightBoard.options(name=board_name(app_name), get_if_exists=True, lifetime="detached").remote()
+    # An explicit namespace: Serve replicas, Ray Train workers and drivers live in different ones.
+    return WeightBoard.options(name=board_name(app_name), namespace=BOARD_NAMESPACE, get_if_exists=True,
+                               lifetime="detached").remote()
 
 
 def follow_board(board: ray.actor.ActorHandle, apply: Apply, load_from_store: Callable[[str, str, int], None],
