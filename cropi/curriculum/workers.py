@@ -33,6 +33,7 @@ from cropi.curriculum.selection import stored_selection
 from cropi.curriculum.state import Progress
 from cropi.data.sources import JobData, load_job_data
 from cropi.influence.engine import InfluenceEngine
+from cropi.runtime.hf_store import get_hf_folder, put_hf_folder
 from cropi.runtime.jobs import JobRegistry
 from cropi.runtime.metrics import WorkerMetrics
 from cropi.runtime.queue import Task, TaskBus
@@ -55,24 +56,16 @@ def trainer_state_key(job: str) -> str:
 
 
 def put_checkpoint(store: ObjectStore, prefix: str, policy: Policy) -> None:
-    """The policy as a consolidated HF folder (config + safetensors), one object per file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        policy.model.save_pretrained(tmp)
-        policy.tokenizer.save_pretrained(tmp)  # a complete folder: usable as model.path
-        for path in sorted(Path(tmp).iterdir()):
-            store.put(f"{prefix}/{path.name}", path.read_bytes())
+    """The policy as a consolidated HF folder (config + safetensors + tokenizer), one object per file."""
+    put_hf_folder(store, prefix, policy.model, policy.tokenizer)
 
 
 def load_checkpoint_weights(store: ObjectStore, prefix: str, policy: Policy) -> None:
     from transformers import AutoModelForCausalLM
 
-    keys = store.list(prefix + "/")
-    if not keys:
-        raise FileNotFoundError(f"no checkpoint under {prefix}/ in the store")
     with tempfile.TemporaryDirectory() as tmp:
-        for key in keys:
-            (Path(tmp) / key.rsplit("/", 1)[1]).write_bytes(store.get(key))
-        loaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=policy.model.dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(get_hf_folder(store, prefix, Path(tmp)),
+                                                      dtype=policy.model.dtype)
     policy.model.load_state_dict(loaded.state_dict())
 
 

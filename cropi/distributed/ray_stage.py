@@ -16,6 +16,7 @@ two differ only by the floating-point order of a sharded update.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -104,8 +105,6 @@ class RayPolicy:
         return _broadcast(results, self.rank)  # every rank sees the same progress (early stopping)
 
     def train_step(self, step: int, prompts: Sequence[Prompt]) -> dict[str, float]:
-        import time
-
         t0 = time.perf_counter()
         batch = sample_groups(self.spec, self.engine, step, prompts) if self.rank == 0 else None
         groups, rewards = _broadcast(batch, self.rank)
@@ -128,7 +127,6 @@ def stage_worker(config: dict) -> dict | None:
     from cropi.runtime.config import open_store, redis_client
 
     rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(max(1, int(config.get("threads", 1))))
     store = open_store(config["store_url"])
     cache = JobCache(store)
     job, stage = config["job"], config["stage"]

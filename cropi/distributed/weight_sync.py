@@ -27,19 +27,18 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from cropi.runtime.hf_store import put_hf_folder
 from cropi.runtime.store import ObjectStore
 
 Apply = Callable[[list[tuple[str, torch.Tensor]], int], None]  # (named tensors of one bucket, version)
@@ -298,14 +297,8 @@ def publish_weights(model: nn.Module, store: ObjectStore, prefix: str, tokenizer
     for bucket, _ in gathered_buckets(model, bucket_bytes):
         if writer:
             state.update((name, t.to("cpu", copy=True)) for name, t in bucket)
-    if not writer:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        _unwrap(model).save_pretrained(tmp, state_dict=state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for path in sorted(Path(tmp).iterdir()):
-            store.put(f"{prefix}/{path.name}", path.read_bytes())
+    if writer:
+        put_hf_folder(store, prefix, _unwrap(model), tokenizer, state)
 
 
 def published_weights(store: ObjectStore, prefix: str) -> list[tuple[str, torch.Tensor]]:

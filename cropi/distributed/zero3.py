@@ -37,6 +37,7 @@ from cropi.rl.batch import (
 )
 from cropi.rl.grpo import group_advantages, grpo_loss
 from cropi.rollout.base import Trajectory
+from cropi.runtime.hf_store import put_hf_folder
 from cropi.runtime.store import ObjectStore
 from cropi.spec import RLSpec
 
@@ -290,11 +291,7 @@ class ZeroGRPOTrainer:
         """
         state = self.full_state_dict()
         if self.rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                self.model.save_pretrained(tmp, state_dict=state)
-                tokenizer.save_pretrained(tmp)
-                for path in sorted(Path(tmp).iterdir()):
-                    store.put(f"{prefix}/{path.name}", path.read_bytes())
+            put_hf_folder(store, prefix, self.model, tokenizer, state)
         dist.barrier()
 
     # ----------------------------------------------------------- checkpoints
