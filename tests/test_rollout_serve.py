@@ -235,6 +235,10 @@ def test_an_unknown_engine_is_refused_before_anything_starts():
         build_app({"model_path": TEST_MODEL, "engine": "tgi"})
     with pytest.raises(InputError, match="model_path: Field required"):
         build_app({"engine": "hf"})
+    with pytest.raises(InputError, match="batch_size: Input should be a valid integer"):
+        build_app({"model_path": TEST_MODEL, "batch_size": "many"})
+    with pytest.raises(InputError, match="replica: Extra inputs are not permitted"):
+        build_app({"model_path": TEST_MODEL, "replica": "2"})
 
 
 def test_a_missing_model_path_is_reported_with_the_replicas_own_error(serve_module, tmp_path):

@@ -36,6 +36,7 @@ from cropi.rl.batch import (
     token_logprobs,
 )
 from cropi.rl.grpo import group_advantages, grpo_loss
+from cropi.rl.trainer import batch_stats
 from cropi.rollout.base import Trajectory
 from cropi.runtime.hf_store import put_hf_folder
 from cropi.runtime.store import ObjectStore
@@ -254,10 +255,7 @@ class ZeroGRPOTrainer:
             self.engine.step()
             stats = {**self._sum_over_ranks(sums), "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr}
         self.scheduler.step()
-        stats["reward_mean"] = reward_t.mean().item()
-        stats["response_len"] = batch.response_mask.sum(-1).mean().item()
-        stats["solved_groups"] = (reward_t.std(-1) == 0).logical_and(reward_t[:, 0] > 0).float().mean().item()
-        stats["zero_var_groups"] = (reward_t.std(-1) == 0).float().mean().item()
+        stats.update(batch_stats(reward_t, batch.response_mask))
         return stats
 
     def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:

@@ -113,8 +113,16 @@ class GRPOTrainer:
             self.optimizer.step()
             stats = {**sums, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0]}
         self.scheduler.step()
-        stats["reward_mean"] = reward_t.mean().item()
-        stats["response_len"] = batch.response_mask.sum(-1).mean().item()
-        stats["solved_groups"] = (reward_t.std(-1) == 0).logical_and(reward_t[:, 0] > 0).float().mean().item()
-        stats["zero_var_groups"] = (reward_t.std(-1) == 0).float().mean().item()
+        stats.update(batch_stats(reward_t, batch.response_mask))
         return stats
+
+
+def batch_stats(rewards: torch.Tensor, response_mask: torch.Tensor) -> dict[str, float]:
+    """What a GRPO step reports about its batch: rewards [groups, n], response lengths."""
+    flat = rewards.std(-1) == 0  # groups whose responses all got the same reward (no advantage)
+    return {
+        "reward_mean": rewards.mean().item(),
+        "response_len": response_mask.sum(-1).mean().item(),
+        "solved_groups": flat.logical_and(rewards[:, 0] > 0).float().mean().item(),
+        "zero_var_groups": flat.float().mean().item(),
+    }

@@ -2,16 +2,17 @@
 
     serve run services.rollout.app:build_app model_path=/models/policy engine=vllm gpus=1 board=cropi-rollout-myjob
 
-Arguments are strings (Serve passes `key=value` pairs through); the fields of
-`RolloutAppArgs` name them. `board` is the app whose weight board the
+Arguments are strings (Serve passes `key=value` pairs through): the engine's
+are the fields of `RolloutConfig`, the deployment's those of `RolloutAppArgs`. `board` is the app whose weight board the
 replicas follow: the trainer of job J publishes to `cropi-rollout-J`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ray import serve
 
 from cropi.distributed.rollout_replica import RolloutConfig
@@ -25,15 +26,10 @@ from cropi.errors import InputError
 
 
 class RolloutAppArgs(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    """The Serve-level arguments; the engine's (`RolloutConfig` fields) are checked by `RolloutConfig`."""
 
-    model_path: str
-    dtype: str = "float32"
-    engine: str = "hf"
-    batch_size: int = 256
-    tensor_parallel: int = 1
-    gpu_memory_utilization: float = 0.5
-    seed: int = 0
+    model_config = ConfigDict(extra="forbid")
+
     replicas: int = 1
     cpus: float = 1
     gpus: float = 0
@@ -44,14 +40,16 @@ class RolloutAppArgs(BaseModel):
 
 
 def build_app(args: Mapping[str, str]) -> serve.Application:
+    engine_keys = {f.name for f in fields(RolloutConfig)}
     try:
-        a = RolloutAppArgs.model_validate(dict(args))
+        # TypeAdapter turns `serve run`'s key=value strings into the dataclass's types.
+        config = TypeAdapter(RolloutConfig).validate_python({k: v for k, v in args.items() if k in engine_keys})
+        a = RolloutAppArgs.model_validate({k: v for k, v in args.items() if k not in engine_keys})
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in err.errors())
         raise InputError(f"rollout app arguments: {problems}") from None
-    config = RolloutConfig(model_path=a.model_path, dtype=a.dtype, engine=a.engine, batch_size=a.batch_size,
-                           tensor_parallel=a.tensor_parallel, gpu_memory_utilization=a.gpu_memory_utilization,
-                           seed=a.seed)
     return rollout_app(config, replicas=a.replicas, cpus=a.cpus, gpus=a.gpus, max_batch_size=a.max_batch_size,
                        batch_wait_timeout_s=a.batch_wait_timeout_s, version_wait_s=a.version_wait_s,
                        board=a.board or None)
