@@ -10,6 +10,7 @@ comes back as the function's return value on rank 0 (Ray Train's
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,11 @@ def run_on_ray_train(
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         # A fresh name per run: Ray Train restores the reported checkpoints of an earlier run of the same name.
+        # Ray Train's own run records go to the temp dir (or RAY_TRAIN_STORAGE): cropi keeps its
+        # checkpoints in the object store, and a container's home may be read-only.
         run_config=RunConfig(name=f"cropi-train-{uuid.uuid4().hex[:8]}",
+                             storage_path=os.environ.get("RAY_TRAIN_STORAGE",
+                                                         os.path.join(tempfile.gettempdir(), "cropi-ray-train")),
                              failure_config=FailureConfig(max_failures=0)),
     )
     return trainer.fit().return_value
