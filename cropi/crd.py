@@ -21,12 +21,14 @@ CRD and `job_spec_of` fills it in.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from cropi.errors import InputError
 from cropi.spec import JobSpec, parse_spec
 
 GROUP = "cropi.dev"
@@ -140,7 +142,9 @@ def status_schema() -> dict[str, Any]:
         "type": "object",
         "properties": {
             "phase": {"type": "string",
-                      "description": "controller phase: queued, offline, project, select, train, done, failed, cancelled"},
+                      "description": "Queued, Running, Succeeded, Failed, Cancelled; Invalid (spec refused), "
+                                     "Conflict (name taken), Unknown (the controller lost the job); the "
+                                     "controller's own phase is in message"},
             "stage": {"type": "integer", "minimum": 0, "description": "current curriculum stage"},
             "step": {"type": "integer", "minimum": 0, "description": "GRPO steps trained so far"},
             "metrics": {"type": "object", "additionalProperties": {"type": "number"},
@@ -205,12 +209,19 @@ def write_crd(path: str | Path) -> None:
 
 
 def job_spec_of(resource: dict[str, Any]) -> JobSpec:
-    """The job spec of a CurriculumJob resource, named after metadata.name unless spec.name is set.
+    """The job spec of a CurriculumJob resource: `.spec`, named after metadata.name.
 
-    Raises InputError (naming the field) for a spec the model refuses."""
-    spec = dict(resource.get("spec") or {})
-    spec.setdefault("name", resource["metadata"]["name"])
-    return parse_spec(spec, source=f"{KIND} {resource['metadata']['name']}")
+    Raises InputError (naming the field) for a spec the model refuses, or a
+    spec.name that differs from metadata.name (the job would not be the object's)."""
+    meta = resource["metadata"]
+    spec = copy.deepcopy(dict(resource.get("spec") or {}))
+    name = meta["name"]
+    if spec.get("name", name) != name:
+        raise InputError(f"invalid job spec ({KIND} {name} .spec):\n  name: {spec['name']!r} differs from "
+                         f"metadata.name {name!r}; leave spec.name out (it defaults to metadata.name)")
+    spec["name"] = name
+    where = f"{meta['namespace']}/{name}" if meta.get("namespace") else name
+    return parse_spec(spec, f"{KIND} {where} .spec")
 
 
 if __name__ == "__main__":

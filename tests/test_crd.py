@@ -20,10 +20,22 @@ import pytest
 import yaml
 from pydantic import BaseModel, Field
 
-from cropi.crd import REGENERATE, curriculumjob_crd, job_spec_of, render_crd, spec_schema, structural_schema
+from cropi.crd import (
+    REGENERATE,
+    curriculumjob_crd,
+    job_spec_of,
+    render_crd,
+    spec_schema,
+    structural_schema,
+)
 from cropi.errors import InputError
 from cropi.spec import JobSpec, load_spec
-from tests.k8s_schema import apply_defaults, defaults, structural_violations, to_jsonschema
+from tests.k8s_schema import (
+    apply_defaults,
+    defaults,
+    structural_violations,
+    to_jsonschema,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "charts/cropi/crds/curriculumjob.yaml"
