@@ -33,7 +33,8 @@ def rollout_app_name(job: str) -> str:
 
 class RayExecutor:
     def __init__(self) -> None:
-        self._address: tuple[str | None] | None = None
+        self._connected = False
+        self._address: str | None = None  # the Ray this executor joined (None: local)
         self._pools: dict[tuple, Any] = {}
         self._apps: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -43,18 +44,17 @@ class RayExecutor:
     def connect(self, spec: JobSpec) -> None:
         from cropi.distributed.ray_runtime import init_ray
 
-        address = (spec.ray.address,)
-        if self._address is not None and self._address != address:
-            raise InputError(f"ray.address: this worker is attached to Ray at {self._address[0] or 'local'}; "
+        if self._connected and self._address != spec.ray.address:
+            raise InputError(f"ray.address: this worker is attached to Ray at {self._address or 'local'}; "
                              f"job {spec.name} asks for {spec.ray.address or 'local'} (run another worker)")
         import ray
 
         if not ray.is_initialized():
             init_ray(spec.ray.address, spec.ray.num_cpus)
             self._started_ray = True
-        self._address = address
+        self._connected, self._address = True, spec.ray.address
 
-    def rollout_handle(self, spec: JobSpec, model_path: str | None = None):
+    def rollout_handle(self, spec: JobSpec):
         """The job's rollout service (started on first use, at the job's base model)."""
         from cropi.distributed.rollout_serve import start_rollout_service
 

@@ -179,8 +179,8 @@ def train_stage_on_ray(cache: JobCache, jobs: JobRegistry, payload: dict, redis_
 
     job, stage = payload["job"], payload["stage"]
     spec, store = cache.spec(job), cache.store
-    if observer:  # the embedded run's display; the ranks report through the journal
-        journal = TrainerJournal(store, jobs, job, heartbeat=lambda: None)
+    journal = TrainerJournal(store, jobs, job, heartbeat=lambda: None)  # read here; the ranks keep it
+    if observer:  # the embedded run's display
         journal.load()
         selection = stored_selection(store, spec, stage)
         progress = journal.progress or Progress()
@@ -189,9 +189,8 @@ def train_stage_on_ray(cache: JobCache, jobs: JobRegistry, payload: dict, redis_
     config = {"store_url": store.url, "redis_url": redis_url, "job": job, "stage": stage, "app_name": app_name}
     result = run_on_ray_train(stage_worker, config, workers=spec.ray.trainer_workers, gpus=spec.ray.trainer_gpus)
     if observer:
-        state_records = TrainerJournal(store, jobs, job, heartbeat=lambda: None)
-        state_records.load()
-        for record in state_records.records.get(str(stage), []):
+        journal.load()  # the stage's records, as the ranks stored them
+        for record in journal.records.get(str(stage), []):
             observer("metric", record=record)
     return result
 

@@ -94,14 +94,11 @@ class HFReplicaEngine:
     def generate_many(self, requests: Sequence[Request]) -> list[list[list[Trajectory]]]:
         return [self.rollout.generate(prompts, n, sampling) for prompts, n, sampling in requests]
 
-    @torch.no_grad()
     def load_weights(self, named_tensors: NamedTensors) -> int:
+        from cropi.distributed.weight_sync import copy_weights
+
         named = list(named_tensors)
-        unknown = [name for name, _ in named if name not in self._targets]
-        if unknown:  # checked first: a bad update leaves the weights as they were
-            raise KeyError(f"weights {unknown[:5]} are not parameters or buffers of the served model")
-        for name, t in named:
-            self._targets[name].copy_(t)
+        copy_weights(self._targets, named)
         return len(named)
 
     @torch.no_grad()

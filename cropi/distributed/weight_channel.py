@@ -22,11 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-import torch
+
+from cropi.distributed.weight_sync import Apply, SyncGroup, receive_weights
 
 log = logging.getLogger(__name__)
-
-Apply = Callable[[list[tuple[str, torch.Tensor]], int], None]  # (named tensors, version)
 
 
 @ray.remote(num_cpus=0)
@@ -36,7 +35,6 @@ class WeightBoard:
     def __init__(self) -> None:
         self.epoch = 0
         self.info: dict[str, Any] = {}
-        self._changed = None
 
     def announce(self, info: dict[str, Any]) -> int:
         self.epoch += 1
@@ -69,8 +67,6 @@ def get_or_create_board(app_name: str) -> ray.actor.ActorHandle:
 def follow_board(board: ray.actor.ActorHandle, apply: Apply, load_from_store: Callable[[str, str, int], None],
                  stop: threading.Event) -> None:
     """Replica side (run in a thread): apply every announced version until `stop` is set."""
-    from cropi.distributed.weight_sync import SyncGroup, receive_weights
-
     epoch = 0
     while not stop.is_set():
         try:

@@ -265,16 +265,18 @@ def hf_apply(model: nn.Module) -> Apply:
     targets = dict(named_weights(model))
 
     def apply(named: list[tuple[str, torch.Tensor]], version: int) -> None:
-        _copy_into(targets, named)
+        copy_weights(targets, named)
 
     return apply
 
 
-def _copy_into(targets: dict[str, torch.Tensor], named: list[tuple[str, torch.Tensor]]) -> None:
+def copy_weights(targets: dict[str, torch.Tensor], named: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy `named` tensors into `targets` by name; names are checked first, so a bad update changes nothing."""
+    unknown = [name for name, _ in named if name not in targets]
+    if unknown:
+        raise KeyError(f"received weights {unknown[:5]} are not parameters or buffers of the local model")
     with torch.no_grad():
         for name, t in named:
-            if name not in targets:
-                raise KeyError(f"received weight {name!r} is not a parameter or buffer of the local model")
             targets[name].copy_(t)
 
 
@@ -318,4 +320,4 @@ def load_published_weights(store: ObjectStore, prefix: str, model: nn.Module) ->
     missing = sorted(set(targets) - {name for name, _ in named})
     if missing:
         raise KeyError(f"weights under {prefix}/ lack {len(missing)} of the model's: {missing[:5]}")
-    _copy_into(targets, named)
+    copy_weights(targets, named)
