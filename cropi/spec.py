@@ -131,8 +131,12 @@ class RaySpec(_Section):
     num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray (default: max(cores, 6))")
     projector_actors: int = Field(2, gt=0, description="actors of the gradient-projection pool")
     projector_gpus: float = Field(0, ge=0, description="GPUs per projection actor")
-    rollout_replicas: int = Field(1, gt=0, description="Ray Serve replicas of the rollout deployment")
-    rollout_gpus: float = Field(0, ge=0, description="GPUs per rollout replica (vLLM: rollout.tensor_parallel)")
+    rollout_app: str | None = Field(
+        None, description="a standing rollout Serve app to sample on, one job at a time (e.g. the chart's "
+                          "RayService app cropi-rollout); empty: CROPI_ROLLOUT_APP, else a per-job app")
+    rollout_replicas: int = Field(1, gt=0, description="Ray Serve replicas of the per-job rollout deployment")
+    rollout_gpus: float = Field(0, ge=0, description="GPUs per replica of the per-job rollout deployment "
+                                                     "(vLLM: rollout.tensor_parallel)")
     trainer_workers: int = Field(2, gt=0, description="Ray Train workers (DeepSpeed data-parallel ranks)")
     trainer_gpus: float = Field(0, ge=0, description="GPUs per trainer worker (0: CPU with gloo)")
     zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage of the trainer")

@@ -65,6 +65,24 @@ def test_a_failing_task_is_retried_then_dead_lettered_with_its_error(bus):
     assert bus.depth("eval") == {"waiting": 0, "pending": 0}
 
 
+def test_a_deferred_task_goes_behind_the_others_and_keeps_its_attempts(bus):
+    bus.submit("offline", "waits", {"job": "b"})
+    bus.submit("offline", "runs", {"job": "a"})
+    deferrals = 0
+    for _ in range(5):  # far more deferrals than max_attempts: none of them is a failure
+        task = bus.claim("offline", "w", block_ms=50)
+        if task.task_id == "runs":
+            bus.complete(task, {})
+            continue
+        assert task.attempt == 1
+        bus.defer(task)
+        deferrals += 1
+    assert deferrals == 4 and bus.result("runs") == {}
+    task = bus.claim("offline", "w", block_ms=50)
+    assert (task.task_id, task.attempt) == ("waits", 1)
+    assert bus.dead_letters("offline") == []
+
+
 def test_a_task_whose_workers_keep_dying_ends_in_the_dead_letter_stream(bus):
     bus.submit("project", "poison", {})
     for n in range(3):

@@ -47,6 +47,13 @@ class Cancelled(Exception):
     """The job was cancelled while its task ran."""
 
 
+class Deferred(Exception):
+    """The task cannot run yet (a shared service is busy with another job): requeue it, attempt not spent."""
+
+
+DEFER_PAUSE_S = 1.0  # after a deferral, so that a worker with nothing else to do does not spin on it
+
+
 def checkpoint_prefix(job: str, stage: int) -> str:
     return f"jobs/{job}/stages/{stage}/checkpoint"
 
@@ -283,6 +290,7 @@ class Worker:
         self.consumer = consumer
         self.done = 0
         self._current_job = "?"
+        self._deferred: dict[str, str] = {}  # job -> the reason its last task was deferred
 
     def _observe(self, event: str, **data: Any) -> None:
         record = data.get("record", {})
@@ -373,6 +381,13 @@ class Worker:
         except Cancelled:
             self.bus.complete(task, {"cancelled": True})
             outcome = "cancelled"
+        except Deferred as why:
+            self.bus.defer(task)
+            outcome = "deferred"
+            if self._deferred.get(job) != str(why):  # once per reason, not once per retry
+                self._deferred[job] = str(why)
+                self.jobs.event(job, "task_deferred", f"{task.task_id}: {why}")
+            time.sleep(DEFER_PAUSE_S)
         except Exception as err:
             if self.fail_fast:
                 raise
@@ -382,7 +397,9 @@ class Worker:
         finally:
             stop_beat.set()
             beater.join()
-            self.done += 1
+            if outcome != "deferred":
+                self.done += 1
+                self._deferred.pop(job, None)
             if self.metrics:
                 self.metrics.tasks.labels(task.kind, outcome).inc()
                 self.metrics.task_seconds.labels(task.kind).observe(time.perf_counter() - t0)

@@ -9,14 +9,18 @@ What changes is where the compute happens:
     train    one Ray Train run per stage: DeepSpeed ZeRO-3 ranks train, the
              rollout service samples, weights flow trainer -> rollout each step
 
-A worker process keeps one `RayExecutor` (one Ray session, one pool, one
-rollout service per job) for all the ray jobs it serves.
+The rollout service is either the job's own Serve app (deployed on first
+use, deleted after the last stage) or a standing app that jobs take turns on
+(`standing_rollout`: the chart's RayService). A worker process keeps one
+`RayExecutor` (one Ray session, one pool, the rollout services it started)
+for all the ray jobs it serves.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cropi.curriculum.workers import Cancelled, JobCache, Observer
@@ -28,7 +32,18 @@ from cropi.spec import JobSpec
 
 
 def rollout_app_name(job: str) -> str:
+    """The per-job rollout app's name."""
     return f"cropi-rollout-{job}"
+
+
+@dataclass(frozen=True)
+class RolloutService:
+    """The rollout app a job samples on, and how many replicas receive its trainer's weights."""
+
+    app: str
+    handle: Any
+    replicas: int
+    standing: bool
 
 
 class RayExecutor:
@@ -54,16 +69,24 @@ class RayExecutor:
             self._started_ray = True
         self._connected, self._address = True, spec.ray.address
 
-    def rollout_handle(self, spec: JobSpec):
-        """The job's rollout service (started on first use, at the job's base model)."""
+    def rollout(self, spec: JobSpec, jobs: JobRegistry) -> RolloutService:
+        """The job's rollout service, holding the job's weights (base weights until its trainer publishes)."""
+        from cropi.distributed import standing_rollout
         from cropi.distributed.rollout_serve import start_rollout_service
 
         self.connect(spec)
-        app = rollout_app_name(spec.name)
-        with self._lock:
-            if app not in self._apps:
-                self._apps[app] = start_rollout_service(spec, app)
-            return self._apps[app]
+        standing = standing_rollout.standing_app_name(spec)
+        if standing is None:
+            app = rollout_app_name(spec.name)
+            with self._lock:
+                if app not in self._apps:
+                    self._apps[app] = start_rollout_service(spec, app)
+                return RolloutService(app, self._apps[app], spec.ray.rollout_replicas, standing=False)
+        handle = standing_rollout.standing_handle(standing, self._address)
+        described = handle.describe.remote().result()
+        standing_rollout.check_serves(described, spec, standing)
+        standing_rollout.claim(standing, spec.name, jobs)
+        return RolloutService(standing, handle, described["replicas"], standing=True)
 
     def pool(self, spec: JobSpec, store_url: str):
         from cropi.distributed.projection_pool import ProjectionPool
@@ -98,7 +121,7 @@ class RayExecutor:
 
         job = payload["job"]
         spec = cache.spec(job)
-        engine = ServeRolloutEngine(self.rollout_handle(spec))
+        engine = ServeRolloutEngine(self.rollout(spec, jobs).handle, owner=job)
         InfluenceEngine(spec, cache.store).collect_offline_part(engine, cache.data(job), payload["set"],
                                                                 payload["part"])
         return {"set": payload["set"], "part": payload["part"]}
@@ -115,22 +138,26 @@ class RayExecutor:
         from cropi.distributed.ray_stage import train_stage_on_ray
 
         spec = cache.spec(payload["job"])
-        self.rollout_handle(spec)
+        service = self.rollout(spec, jobs)
         try:
-            result = train_stage_on_ray(cache, jobs, payload, redis_url_of(jobs.r), rollout_app_name(spec.name),
+            result = train_stage_on_ray(cache, jobs, payload, redis_url_of(jobs.r), service.app, service.replicas,
                                         observer)
         except Exception:
             if jobs.cancel_requested(payload["job"]):
                 raise Cancelled(payload["job"]) from None
             raise
         if result["stopped_early"] or result["stage"] == spec.curriculum.stages - 1:
-            self.stop_rollout(spec.name)  # the job's last task: free the replicas' CPUs/GPUs
+            self.end_rollout(spec.name, service)  # the job's last task
         return result
 
-    def stop_rollout(self, job: str) -> None:
+    def end_rollout(self, job: str, service: RolloutService) -> None:
+        """The job is done sampling: free its own app's CPUs/GPUs, or hand the standing app on."""
+        from cropi.distributed import standing_rollout
         from cropi.distributed.rollout_serve import stop_rollout_service
 
-        app = rollout_app_name(job)
+        if service.standing:
+            standing_rollout.release(service.app, job)
+            return
         with self._lock:
-            self._apps.pop(app, None)
-        stop_rollout_service(app)
+            self._apps.pop(service.app, None)
+        stop_rollout_service(service.app)

@@ -55,7 +55,8 @@ def _broadcast(obj: Any, rank: int) -> Any:
 class WeightPublisher:
     """After each step, the trainer's weights go to every rollout replica (all ranks call `publish`)."""
 
-    def __init__(self, spec: JobSpec, trainer: Any, tokenizer: Any, store: Any, app_name: str, rank: int):
+    def __init__(self, spec: JobSpec, trainer: Any, tokenizer: Any, store: Any, app_name: str, receivers: int,
+                 rank: int):
         from cropi.distributed.weight_channel import get_or_create_board, node_address
 
         self.spec, self.trainer, self.tokenizer, self.store, self.rank = spec, trainer, tokenizer, store, rank
@@ -67,8 +68,9 @@ class WeightPublisher:
 
             host, port = node_address(), free_port()
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            self.board.announce.remote({"path": "broadcast", "host": host, "port": port, "backend": backend})
-            self.group = SyncGroup.create_sender(host, port, receivers=spec.ray.rollout_replicas, backend=backend)
+            self.board.announce.remote({"path": "broadcast", "host": host, "port": port, "backend": backend,
+                                        "owner": spec.name})
+            self.group = SyncGroup.create_sender(host, port, receivers=receivers, backend=backend)
 
     def publish(self, version: int) -> None:
         if self.spec.ray.weight_sync == "broadcast":
@@ -82,7 +84,7 @@ class WeightPublisher:
             import ray
 
             ray.get(self.board.announce.remote({"path": "store", "store_url": self.store.url, "prefix": prefix,
-                                                "version": version}))
+                                                "version": version, "owner": self.spec.name}))
 
     def close(self) -> None:
         if self.group is not None:
@@ -150,8 +152,8 @@ def stage_worker(config: dict) -> dict | None:
     engine = None
     if rank == 0:
         handle = serve.get_app_handle(config["app_name"])
-        engine = ServeRolloutEngine(handle, min_version_fn=lambda: policy.version)
-    publisher = WeightPublisher(spec, trainer, tokenizer, store, config["app_name"], rank)
+        engine = ServeRolloutEngine(handle, min_version_fn=lambda: policy.version, owner=job)
+    publisher = WeightPublisher(spec, trainer, tokenizer, store, config["app_name"], config["receivers"], rank)
     policy = RayPolicy(spec, trainer, engine, publisher, rank)
     try:
         policy.sync(journal.progress.step if journal.progress else 0)
@@ -172,7 +174,7 @@ def stage_worker(config: dict) -> dict | None:
 
 
 def train_stage_on_ray(cache: JobCache, jobs: JobRegistry, payload: dict, redis_url: str, app_name: str,
-                       observer: Observer | None = None) -> dict:
+                       receivers: int, observer: Observer | None = None) -> dict:
     """Driver side of a `train` task: one Ray Train run of `stage_worker` on the job's trainer workers."""
     from cropi.curriculum.selection import stored_selection
     from cropi.distributed.ray_trainer import run_on_ray_train
@@ -186,7 +188,8 @@ def train_stage_on_ray(cache: JobCache, jobs: JobRegistry, payload: dict, redis_
         progress = journal.progress or Progress()
         if progress.stage == stage and selection is not None:
             observer("stage_started", stage=stage, progress=progress, selection=selection)
-    config = {"store_url": store.url, "redis_url": redis_url, "job": job, "stage": stage, "app_name": app_name}
+    config = {"store_url": store.url, "redis_url": redis_url, "job": job, "stage": stage, "app_name": app_name,
+              "receivers": receivers}
     result = run_on_ray_train(stage_worker, config, workers=spec.ray.trainer_workers, gpus=spec.ray.trainer_gpus)
     if observer:
         journal.load()  # the stage's records, as the ranks stored them

@@ -11,7 +11,7 @@ weight is written while they run.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -113,18 +113,36 @@ class HFReplicaEngine:
 
 
 class RolloutReplica:
-    """An engine plus the version of the weights it holds (0: those of `model_path`)."""
+    """An engine plus the weights it holds: (owner, version).
 
-    def __init__(self, engine: ReplicaEngine, weight_names: frozenset[str], version: int = 0):
+    The owner is the job whose weights these are and the version that job's
+    trainer step (0: the base weights of `model_path`). A standing service
+    serves one job after another, so a version number alone would let a new
+    job's request for its version 3 be answered with the last job's version
+    57; callers therefore wait for (their job, >= their version).
+    """
+
+    def __init__(self, engine: ReplicaEngine, weight_names: frozenset[str],
+                 base_weights: Callable[[], NamedTensors] | None = None, owner: str | None = None):
         self.engine = engine
         self.weight_names = weight_names  # what a streamed version must deliver to count as complete
+        self._base_weights = base_weights
         self._cond = threading.Condition()
-        self._version = version
+        self._owner, self._version = owner, 0
+        self._pristine = True  # still holding the base weights it was built with
         self._partial: tuple[int, set[str]] | None = None  # a streamed version being applied, names so far
 
     @property
     def version(self) -> int:
         return self._version
+
+    @property
+    def owner(self) -> str | None:
+        return self._owner
+
+    def holds(self, owner: str | None, min_version: int) -> bool:
+        """Whether the replica holds `owner`'s weights at `min_version` or later (owner None: anyone's)."""
+        return (owner is None or self._owner == owner) and self._version >= min_version
 
     # ----------------------------------------------------------- work
     def generate_many(self, requests: Sequence[Request], wait_s: float) -> list[list[list[Trajectory]]]:
@@ -137,31 +155,47 @@ class RolloutReplica:
             return self.engine.score(prompt_ids, response_ids, temperature)
 
     # ----------------------------------------------------------- weights
-    def load_weights(self, named_tensors: NamedTensors, version: int) -> int:
+    def load_weights(self, named_tensors: NamedTensors, version: int, owner: str | None = None) -> int:
         """A whole version at once (possibly a subset of the weights: the rest stay as they are)."""
         with self._cond:
+            self._pristine = False
             count = self.engine.load_weights(named_tensors)
-            self._version, self._partial = version, None
-            self._cond.notify_all()
+            self._set(owner if owner is not None else self._owner, version)
         return count
 
-    def apply_bucket(self, named_tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
+    def apply_bucket(self, named_tensors: list[tuple[str, torch.Tensor]], version: int,
+                     owner: str | None = None) -> None:
         """One bucket of a streamed version; the version counts once every weight has arrived."""
         with self._cond:
             if self._partial is None or self._partial[0] != version:
                 self._partial = (version, set())
             self.engine.load_weights(named_tensors)
+            self._pristine = False
             self._partial[1].update(name for name, _ in named_tensors)
             if self._partial[1] >= self.weight_names:
-                self._version, self._partial = version, None
-                self._cond.notify_all()
+                self._set(owner if owner is not None else self._owner, version)
 
-    def load_weights_from_store(self, store_url: str, prefix: str, version: int) -> int:
+    def load_weights_from_store(self, store_url: str, prefix: str, version: int, owner: str | None = None) -> int:
         """The object-store path: an HF folder stored under `prefix` (read before taking the lock)."""
         from cropi.distributed.weight_sync import published_weights
         from cropi.runtime.config import open_store
 
-        return self.load_weights(published_weights(open_store(store_url), prefix), version)
+        return self.load_weights(published_weights(open_store(store_url), prefix), version, owner)
+
+    def load_base(self, owner: str | None) -> None:
+        """Start `owner`'s run: the base weights as its version 0 (reloaded unless never replaced)."""
+        if not self._pristine:
+            if self._base_weights is None:
+                raise RuntimeError("this replica cannot reload its base weights (built without a source)")
+            self.load_weights(self._base_weights(), 0, owner)
+        with self._cond:
+            self._set(owner, 0)
+            self._pristine = True
+
+    def _set(self, owner: str | None, version: int) -> None:
+        """Call holding the lock: a complete version is in place."""
+        self._owner, self._version, self._partial = owner, version, None
+        self._cond.notify_all()
 
     @contextmanager
     def _consistent(self, wait_s: float) -> Iterator[None]:
@@ -176,16 +210,21 @@ class RolloutReplica:
             yield
 
 
-def build_replica(config: RolloutConfig) -> RolloutReplica:
-    """Load the model and build the engine that `config` names."""
+def build_replica(config: RolloutConfig, owner: str | None = None) -> RolloutReplica:
+    """Load the model and build the engine that `config` names (its base weights belong to `owner`)."""
     if config.engine == "hf":
+        from cropi.distributed.weight_sync import named_weights
         from cropi.models.loading import load_policy
 
         model, tokenizer = load_policy(config.model_path, config.dtype)
         if torch.cuda.is_available():  # only when Ray gave this replica a GPU
             model.to("cuda")
         engine = HFReplicaEngine(model, tokenizer, config.batch_size)
-        return RolloutReplica(engine, engine.weight_names)
+
+        def hf_base() -> NamedTensors:  # built as at start, so tied and derived weights come out alike
+            return named_weights(load_policy(config.model_path, config.dtype)[0])
+
+        return RolloutReplica(engine, engine.weight_names, hf_base, owner)
     from cropi.rollout.vllm import VLLMRolloutEngine
 
     vllm_engine = VLLMRolloutEngine(
@@ -194,7 +233,23 @@ def build_replica(config: RolloutConfig) -> RolloutReplica:
         # Beyond one GPU, vLLM's workers are Ray actors in the replica's placement group.
         distributed_executor_backend="ray" if config.tensor_parallel > 1 else None,
     )
-    return RolloutReplica(vllm_engine, hf_weight_names(config.model_path))
+    return RolloutReplica(vllm_engine, hf_weight_names(config.model_path),
+                          lambda: checkpoint_weights(config.model_path), owner)
+
+
+def checkpoint_weights(model_path: str) -> NamedTensors:
+    """The tensors of a model's safetensors files (vLLM maps checkpoint names to its own itself)."""
+    from pathlib import Path
+
+    from cropi.models.loading import resolve_model_path
+    from cropi.rollout.vllm import checkpoint_tensors
+
+    folder = resolve_model_path(model_path)
+    if not Path(folder).is_dir():  # a hub id: the files the replica loaded at start are in the local cache
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(model_path, allow_patterns=["*.safetensors"])
+    return checkpoint_tensors(folder)
 
 
 def hf_weight_names(model_path: str) -> frozenset[str]:

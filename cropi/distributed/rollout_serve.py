@@ -1,10 +1,10 @@
 """The rollout service on Ray Serve: replicas of a rollout engine (HF on CPU,
 vLLM on GPU) behind one deployment handle.
 
-    generate(prompts, n, sampling, min_version=0)   batched with @serve.batch
-    logprobs(prompt_ids, response_ids, temperature)  teacher-forced, current weights
+    generate(prompts, n, sampling, min_version=0, owner=None)   batched with @serve.batch
+    logprobs(prompt_ids, response_ids, temperature)              teacher-forced, current weights
     load_weights(named_tensors, version), load_weights_from_store(url, prefix, version)
-    version(), stats()
+    version(), describe(), stats()
 
 Batching. Concurrent `generate` calls on a replica are grouped and handed to
 the engine together. A request's trajectories must not depend on its
@@ -18,12 +18,17 @@ saves the dispatch between requests; the forward passes stay per request.
 
 Weights. A replica starts at version 0 (the weights of `model_path`). A
 trainer moves it on through the weight board (`weight_channel`: broadcast
-or object-store path; each replica follows the board of its app) or, for a
-single replica, by calling `load_weights*` on the handle: a handle call
-reaches *one* replica, so a service of several replicas takes its weights
-through the board. `generate(..., min_version=v)` waits (bounded) until the
-replica holds a complete version >= v; weights are never written while the
-replica samples.
+or object-store path; each replica follows the board named after its app)
+or, for a single replica, by calling `load_weights*` on the handle: a handle
+call reaches *one* replica, so a service of several replicas takes its
+weights through the board. `generate(..., min_version=v, owner=J)` waits
+(bounded) until the replica holds a complete version >= v of job J's
+weights; weights are never written while the replica samples.
+
+Two ways to run it: a per-job app `cropi-rollout-<job>` that the Ray
+executor deploys and deletes (`start_rollout_service`), or a standing app
+that outlives jobs (a RayService's `services.rollout.app:build_app`) and
+serves one job at a time (`claim_standing_service`).
 """
 
 from __future__ import annotations
@@ -64,23 +69,27 @@ class RolloutServiceError(RuntimeError):
 class RolloutServer:
     def __init__(self, config: dict, max_batch_size: int = DEFAULT_MAX_BATCH,
                  batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
-                 version_wait_s: float = DEFAULT_VERSION_WAIT_S, board: str | None = None):
+                 version_wait_s: float = DEFAULT_VERSION_WAIT_S, follow_board: bool = True,
+                 owner: str | None = None, replicas: int = 1):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.replica = build_replica(RolloutConfig(**config))
+        self.config = config
+        self.replicas = replicas
+        self.replica = build_replica(RolloutConfig(**config), owner)
         self.version_wait_s = version_wait_s
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self._batch_sizes: deque[int] = deque(maxlen=1000)
         self._stop = threading.Event()
-        if board:
+        if follow_board:
+            board = serve.get_replica_context().app_name
             threading.Thread(target=self._follow_board, args=(board,), daemon=True, name="weight-board").start()
 
     # ----------------------------------------------------------- sampling
     async def generate(self, prompts: Sequence[str], n: int, sampling: SamplingParams,
-                       min_version: int = 0) -> list[list[Trajectory]]:
+                       min_version: int = 0, owner: str | None = None) -> list[list[Trajectory]]:
         """`n` responses per prompt, as `HFRolloutEngine.generate` / `VLLMRolloutEngine.generate` return them."""
         _check_request(prompts, n, sampling)
-        await self._until_version(min_version)
+        await self._until_version(min_version, owner)
         return await self._generate_batch((list(prompts), n, sampling))
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
@@ -90,48 +99,53 @@ class RolloutServer:
         return await asyncio.to_thread(self.replica.generate_many, requests, self.version_wait_s)
 
     async def logprobs(self, prompt_ids: Sequence[int], response_ids: Sequence[int], temperature: float = 1.0,
-                       min_version: int = 0) -> list[float]:
+                       min_version: int = 0, owner: str | None = None) -> list[float]:
         """log softmax(logits / temperature) of each response token, teacher-forced."""
-        await self._until_version(min_version)
+        await self._until_version(min_version, owner)
         return await asyncio.to_thread(self.replica.logprobs, list(prompt_ids), list(response_ids), temperature,
                                        self.version_wait_s)
 
     # ----------------------------------------------------------- weights
     async def load_weights(self, named_tensors: Mapping[str, torch.Tensor] | Sequence[tuple[str, torch.Tensor]],
-                           version: int) -> int:
+                           version: int, owner: str | None = None) -> int:
         """Apply a state dict or (name, tensor) pairs as weights `version`; returns how many tensors."""
         named = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
-        return await asyncio.to_thread(self.replica.load_weights, named, version)
+        return await asyncio.to_thread(self.replica.load_weights, named, version, owner)
 
-    async def load_weights_from_store(self, store_url: str, prefix: str, version: int) -> int:
+    async def load_weights_from_store(self, store_url: str, prefix: str, version: int,
+                                      owner: str | None = None) -> int:
         """Load the HF folder stored under `prefix` (see `workers.put_checkpoint`) as weights `version`."""
-        return await asyncio.to_thread(self.replica.load_weights_from_store, store_url, prefix, version)
+        return await asyncio.to_thread(self.replica.load_weights_from_store, store_url, prefix, version, owner)
 
     def version(self) -> int:
         return self.replica.version
 
+    def describe(self) -> dict[str, Any]:
+        """What the service serves: the engine's `RolloutConfig` fields and the number of replicas."""
+        return {**self.config, "replicas": self.replicas}
+
     def stats(self) -> dict[str, Any]:
-        """The weights version and the sizes of the last (up to 1000) generate batches."""
-        return {"version": self.replica.version, "batch_sizes": list(self._batch_sizes)}
+        """The weights (owner, version) and the sizes of the last (up to 1000) generate batches."""
+        return {"version": self.replica.version, "owner": self.replica.owner, "batch_sizes": list(self._batch_sizes)}
 
     # ----------------------------------------------------------- internals
-    async def _until_version(self, min_version: int) -> None:
-        """Wait (bounded) for a version >= min_version; the batch thread then waits out a half-applied one."""
+    async def _until_version(self, min_version: int, owner: str | None) -> None:
+        """Wait (bounded) for owner's version >= min_version; the batch thread then waits out a half-applied one."""
         deadline = time.monotonic() + self.version_wait_s
-        while self.replica.version < min_version:
+        while not self.replica.holds(owner, min_version):
             if time.monotonic() > deadline:
+                whose = f" of job {owner}" if owner else ""
                 raise TimeoutError(
-                    f"rollout replica holds weights version {self.replica.version}; the request needs "
-                    f">= {min_version} and none arrived within {self.version_wait_s:.0f}s "
-                    "(is a trainer publishing weights to this service?)")
+                    f"rollout replica holds weights version {self.replica.version} of "
+                    f"{self.replica.owner or 'no job'}; the request needs >= {min_version}{whose} and none "
+                    f"arrived within {self.version_wait_s:.0f}s (is a trainer publishing weights to this service?)")
             await asyncio.sleep(_POLL_S)
 
     def _follow_board(self, app_name: str) -> None:
         from cropi.distributed.weight_channel import follow_board, get_or_create_board
 
         try:
-            follow_board(get_or_create_board(app_name), self.replica.apply_bucket,
-                         self.replica.load_weights_from_store, self._stop)
+            follow_board(get_or_create_board(app_name), self.replica, self._stop)
         except Exception:  # the replica keeps serving its current weights; the log says why they stopped
             log.exception("rollout replica stopped following the weight board of %s", app_name)
 
@@ -154,8 +168,9 @@ def _check_request(prompts: Sequence[str], n: int, sampling: SamplingParams) -> 
 
 def rollout_app(config: RolloutConfig, *, replicas: int = 1, cpus: float = 1, gpus: float = 0,
                 max_batch_size: int = DEFAULT_MAX_BATCH, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
-                version_wait_s: float = DEFAULT_VERSION_WAIT_S, board: str | None = None) -> serve.Application:
-    """The Serve application of a rollout service (`board`: the app whose weight board replicas follow)."""
+                version_wait_s: float = DEFAULT_VERSION_WAIT_S, follow_board: bool = True,
+                owner: str | None = None) -> serve.Application:
+    """The Serve application of a rollout service (`owner`: the job its base weights belong to, if any)."""
     from cropi.distributed.ray_runtime import actor_env, forwarded_env
 
     threads = max(1, int(cpus))
@@ -171,7 +186,7 @@ def rollout_app(config: RolloutConfig, *, replicas: int = 1, cpus: float = 1, gp
         else:
             actor["num_gpus"] = gpus or 1
     return RolloutServer.options(**options).bind(asdict(config), max_batch_size, batch_wait_timeout_s,
-                                                 version_wait_s, board)
+                                                 version_wait_s, follow_board, owner, replicas)
 
 
 def start_rollout_service(spec: JobSpec, app_name: str, *, model_path: str | None = None,
@@ -180,8 +195,9 @@ def start_rollout_service(spec: JobSpec, app_name: str, *, model_path: str | Non
                           cpus_per_replica: float = 1) -> serve.handle.DeploymentHandle:
     """The job's rollout service as Serve app `app_name` (started unless it is already running).
 
-    Serve runs without its HTTP proxy: callers use the handle. Replicas follow
-    the weight board of `app_name` unless `follow_board` is false.
+    Serve runs without its HTTP proxy: callers use the handle. Replicas hold
+    the job's weights and follow the weight board of `app_name` unless
+    `follow_board` is false.
     """
     from cropi.distributed.ray_runtime import init_ray
 
@@ -192,7 +208,7 @@ def start_rollout_service(spec: JobSpec, app_name: str, *, model_path: str | Non
     serve.start(proxy_location="Disabled")
     app = rollout_app(config, replicas=spec.ray.rollout_replicas, cpus=cpus_per_replica, gpus=spec.ray.rollout_gpus,
                       max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-                      version_wait_s=version_wait_s, board=app_name if follow_board else None)
+                      version_wait_s=version_wait_s, follow_board=follow_board, owner=spec.name)
     return run_app(app, app_name)
 
 
@@ -226,16 +242,19 @@ class ServeRolloutEngine:
     """The `RolloutEngine` interface over a rollout service handle (blocking calls).
 
     `min_version_fn` gives the weights version each call needs (e.g. the
-    trainer's last published step), so samples never come from older weights.
+    trainer's last published step) and `owner` the job they must belong to,
+    so samples never come from older weights or from another job's.
     """
 
-    def __init__(self, handle: serve.handle.DeploymentHandle, min_version_fn: Callable[[], int] | None = None):
+    def __init__(self, handle: serve.handle.DeploymentHandle, min_version_fn: Callable[[], int] | None = None,
+                 owner: str | None = None):
         self.handle = handle
         self.min_version_fn = min_version_fn
+        self.owner = owner
 
     def generate(self, prompts: Sequence[str], n: int, sampling: SamplingParams) -> list[list[Trajectory]]:
         min_version = self.min_version_fn() if self.min_version_fn else 0
-        return self.handle.generate.remote(list(prompts), n, sampling, min_version).result()
+        return self.handle.generate.remote(list(prompts), n, sampling, min_version, self.owner).result()
 
 
 def _app_status(app_name: str) -> str | None:

@@ -178,6 +178,14 @@ class TaskBus:
         pipe.xack(self.stream(task.kind), GROUP, task.entry_id)
         pipe.execute()
 
+    def defer(self, task: Task) -> None:
+        """Not yet (e.g. a shared service is busy): back to the end of the stream, the attempt not spent."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xadd(self.stream(task.kind), {"task_id": task.task_id, "payload": json.dumps(task.payload, sort_keys=True)})
+        pipe.xack(self.stream(task.kind), GROUP, task.entry_id)
+        pipe.hincrby(self._attempts(task.kind), task.task_id, -1)
+        pipe.execute()
+
     def _dead_letter(self, kind: str, entry_id: str, task_id: str, payload: dict, error: str) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.xadd(self.dead_stream(kind), {"task_id": task_id, "payload": json.dumps(payload, sort_keys=True),

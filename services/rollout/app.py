@@ -1,10 +1,13 @@
 """Ray Serve entry point of the rollout service, for `serve run` and a RayService:
 
-    serve run services.rollout.app:build_app model_path=/models/policy engine=vllm gpus=1 board=cropi-rollout-myjob
+    serve run services.rollout.app:build_app model_path=/models/policy engine=vllm gpus=1
 
 Arguments are strings (Serve passes `key=value` pairs through): the engine's
-are the fields of `RolloutConfig`, the deployment's those of `RolloutAppArgs`. `board` is the app whose weight board the
-replicas follow: the trainer of job J publishes to `cropi-rollout-J`.
+are the fields of `RolloutConfig`, the deployment's those of `RolloutAppArgs`.
+This is a *standing* service: it outlives jobs and serves one at a time.
+Its replicas follow the weight board named after the app; a job claims the
+app there (`cropi.distributed.standing_rollout`) when its workers name it
+(`ray.rollout_app` or CROPI_ROLLOUT_APP), and its trainer publishes there.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ class RolloutAppArgs(BaseModel):
     max_batch_size: int = DEFAULT_MAX_BATCH
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S
     version_wait_s: float = DEFAULT_VERSION_WAIT_S
-    board: str | None = None
 
 
 def build_app(args: Mapping[str, str]) -> serve.Application:
@@ -51,5 +53,4 @@ def build_app(args: Mapping[str, str]) -> serve.Application:
             for e in err.errors())
         raise InputError(f"rollout app arguments: {problems}") from None
     return rollout_app(config, replicas=a.replicas, cpus=a.cpus, gpus=a.gpus, max_batch_size=a.max_batch_size,
-                       batch_wait_timeout_s=a.batch_wait_timeout_s, version_wait_s=a.version_wait_s,
-                       board=a.board or None)
+                       batch_wait_timeout_s=a.batch_wait_timeout_s, version_wait_s=a.version_wait_s)
