@@ -1,5 +1,5 @@
 """The Helm chart charts/cropi, rendered with real Helm (helm-python-sdk, offline: no cluster runs
-here, so `lookup` finds no live Secret and the chart generates fresh ones).
+here, so `lookup` finds no live Secret and the chart generates fresh ones; tests/helm_render.py).
 
 Built-in objects are checked against the Kubernetes OpenAPI schemas of 1.29-1.33
 (kubernetes-validate, strict), KubeRay objects against KubeRay's own CRD schemas."""
@@ -7,8 +7,8 @@ Built-in objects are checked against the Kubernetes OpenAPI schemas of 1.29-1.33
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import jsonschema
 import kubernetes_validate
@@ -17,19 +17,13 @@ import yaml
 from helm_python import Chart, lint
 from helm_python.errors import HelmError
 
+from tests.helm_render import CHART, PRESET_FILES, ROOT, preset_values, render_chart
 from tests.k8s_schema import to_jsonschema
 
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "cropi"
 KUBERAY_CRDS = ROOT.parent / "shared" / "kuberay-crds"
 K8S_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
-PRESETS = {"default": None, "7b": "values-7b.yaml", "gpu-small": "values-gpu-small.yaml",
-           "external": "values-external.yaml"}
-
-
-def _values(preset: str) -> dict[str, Any]:
-    file = PRESETS[preset]
-    return yaml.safe_load((CHART / file).read_text()) if file else {}
+PRESETS = list(PRESET_FILES)
+WORKER_KINDS = ("rollout", "projector", "trainer")
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +33,9 @@ def chart():
 
 
 @pytest.fixture(scope="module")
-def rendered(chart) -> dict[str, list[dict[str, Any]]]:
+def rendered() -> dict[str, list[dict[str, Any]]]:
     """Every preset's objects, rendered once for the module."""
-    out = {}
-    for preset in PRESETS:
-        manifests = chart.render(values=_values(preset), name="demo", namespace="ml")
-        out[preset] = [doc for path, text in manifests.items() if path.endswith(".yaml")
-                       for doc in yaml.safe_load_all(text) if doc]
-    return out
+    return {preset: render_chart(preset_values(preset)) for preset in PRESETS}
 
 
 def _of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -63,9 +52,46 @@ def _pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+def _fullname(objects: list[dict[str, Any]]) -> str:
+    """The chart's name prefix, read off the controller's Service (<fullname>-controller)."""
+    service = next(o for o in _of_kind(objects, "Service")
+                   if o["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
+    return service["metadata"]["name"].removesuffix("-controller")
+
+
+def _ray_objects(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if o["apiVersion"].startswith("ray.io/")]
+
+
+def _cluster_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"]["rayClusterConfig"] if obj["kind"] == "RayService" else obj["spec"]
+
+
+def _groups(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {g["groupName"]: g for g in _cluster_spec(obj)["workerGroupSpecs"]}
+
+
+def _serve_app(service: dict[str, Any]) -> dict[str, Any]:
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    return app
+
+
+def _worker_env(objects: list[dict[str, Any]]) -> dict[str, dict[str, str | None]]:
+    """Each task worker Deployment's plain env values, by worker kind."""
+    return {d["metadata"]["labels"]["app.kubernetes.io/component"]:
+            {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+            for d in _of_kind(objects, "Deployment")
+            if d["metadata"]["labels"]["app.kubernetes.io/component"] in WORKER_KINDS}
+
+
+def _assert_valid_kubernetes(obj: dict[str, Any]) -> None:
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_chart_lints_clean_in_strict_mode(preset):
-    report = lint(CHART, _values(preset), strict=True, namespace="ml")
+    report = lint(CHART, preset_values(preset), strict=True, namespace="ml")
     assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
@@ -74,8 +100,7 @@ def test_every_builtin_object_is_valid_for_kubernetes_1_29_to_1_33(rendered, pre
     builtin = [o for o in rendered[preset] if not o["apiVersion"].startswith("ray.io/")]
     assert {"Deployment", "Service", "NetworkPolicy"} <= {o["kind"] for o in builtin}
     for obj in builtin:
-        for version in K8S_VERSIONS:
-            kubernetes_validate.validate(obj, version, strict=True)
+        _assert_valid_kubernetes(obj)
 
 
 def _kuberay_schema(kind: str) -> dict[str, Any]:
@@ -86,13 +111,34 @@ def _kuberay_schema(kind: str) -> dict[str, Any]:
     return to_jsonschema(version["schema"]["openAPIV3Schema"])
 
 
+def _assert_valid_kuberay(obj: dict[str, Any]) -> None:
+    body = {k: v for k, v in obj.items() if k != "metadata"}  # metadata is the API server's, not the CRD's
+    jsonschema.validate(body, _kuberay_schema(obj["kind"]))
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_ray_objects_are_accepted_by_kuberay_crd_schemas(rendered, preset):
-    ray_objects = [o for o in rendered[preset] if o["apiVersion"] == "ray.io/v1"]
-    assert _of_kind(ray_objects, "RayCluster"), "every preset runs the Ray cluster"
+    ray_objects = _ray_objects(rendered[preset])
+    assert {o["kind"] for o in ray_objects} <= {"RayCluster", "RayService"} and ray_objects, \
+        "every preset runs the Ray cluster"
     for obj in ray_objects:
-        body = {k: v for k, v in obj.items() if k != "metadata"}  # metadata is the API server's, not the CRD's
-        jsonschema.validate(body, _kuberay_schema(obj["kind"]))
+        assert obj["apiVersion"] == "ray.io/v1"
+        _assert_valid_kuberay(obj)
+
+
+@pytest.mark.parametrize("values", [
+    {"ray": {"rolloutService": {"enabled": True}}},  # a RayService on CPU
+    {"ray": {"rollout": {"replicas": 1, "minReplicas": 1, "maxReplicas": 1, "gpus": 2, "gpuType": "NVIDIA-L4"}}},
+], ids=["cpu-rollout-service", "gpu-rollout-group"])
+def test_ray_objects_of_other_settings_are_accepted_by_kuberay_crd_schemas(values):
+    for obj in _ray_objects(render_chart(values)):
+        _assert_valid_kuberay(obj)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs_exactly_one_ray_cluster_named_after_the_release(rendered, preset):
+    (cluster,) = _ray_objects(rendered[preset])
+    assert cluster["metadata"]["name"] == f"{_fullname(rendered[preset])}-ray"
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -162,8 +208,8 @@ def test_operator_rbac_is_namespaced_by_default_and_cluster_wide_on_request(char
 
 def test_7b_preset_trains_on_16_gpus_over_2_nodes_and_serves_vllm_with_tp_2(rendered):
     objects = rendered["7b"]
-    cluster = _of_kind(objects, "RayCluster")[0]["spec"]
-    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    (service,) = _of_kind(objects, "RayService")
+    groups = _groups(service)
     trainer = groups["trainer"]
     gpus = trainer["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert (trainer["replicas"], gpus, trainer["replicas"] * gpus) == (2, 8, 16)
@@ -171,19 +217,106 @@ def test_7b_preset_trains_on_16_gpus_over_2_nodes_and_serves_vllm_with_tp_2(rend
     assert trainer["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
     projector = groups["projector"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert projector == 8
-    service = _of_kind(objects, "RayService")[0]["spec"]
-    app = yaml.safe_load(service["serveConfigV2"])["applications"][0]
-    assert app["import_path"] == "services.rollout.app:build_app"
-    assert (app["args"]["engine"], app["args"]["tensor_parallel"], app["args"]["replicas"]) == ("vllm", "2", "4")
-    rollout = service["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    assert rollout["resources"]["limits"]["nvidia.com/gpu"] == 8  # 4 replicas x TP 2
+    rollout = groups["rollout"]
+    limits = rollout["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert (rollout["replicas"], limits["nvidia.com/gpu"]) == (1, 8)  # 4 replicas x TP 2 on one node
+    assert rollout["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+
+
+def test_7b_preset_runs_one_ray_service_with_every_group_and_the_standing_rollout_app(rendered):
+    objects = rendered["7b"]
+    (ray_object,) = _ray_objects(objects)  # no second Ray cluster anywhere
+    assert ray_object["kind"] == "RayService"
+    assert ray_object["metadata"]["name"] == f"{_fullname(objects)}-ray"
+    assert set(_groups(ray_object)) == {"projector", "trainer", "rollout"}
+    assert "headGroupSpec" in ray_object["spec"]["rayClusterConfig"]
+    # A cluster upgrade would start a new Ray cluster under the running training: recreate instead.
+    assert ray_object["spec"]["upgradeStrategy"] == {"type": "None"}
+    app = _serve_app(ray_object)
+    assert (app["name"], app["import_path"], app["route_prefix"]) == ("cropi-rollout",
+                                                                       "services.rollout.app:build_app", None)
+    assert app["args"] == {"model_path": "Qwen/Qwen2.5-7B", "engine": "vllm", "dtype": "bfloat16",
+                           "tensor_parallel": "2", "replicas": "4", "gpus": "2", "gpu_memory_utilization": "0.85",
+                           "batch_size": "256", "cpus": "1"}
+
+
+def test_with_the_rollout_service_workers_join_its_head_and_sample_on_its_app(rendered):
+    objects = rendered["7b"]
+    (service,) = _of_kind(objects, "RayService")
+    workers = _worker_env(objects)
+    assert set(workers) == set(WORKER_KINDS)
+    for env in workers.values():
+        # KubeRay's stable head Service of a RayService is <RayService name>-head-svc.
+        address = urlparse(env["RAY_ADDRESS"])
+        assert (address.scheme, address.hostname, address.port) == ("ray", f"{service['metadata']['name']}-head-svc",
+                                                                    10001)
+        assert env["CROPI_ROLLOUT_APP"] == _serve_app(service)["name"] == "cropi-rollout"
+
+
+def test_the_standing_app_follows_the_values_and_runs_on_cpu_without_rollout_gpus():
+    objects = render_chart({"ray": {"rolloutService": {"enabled": True, "appName": "rollout-a", "batchSize": 64,
+                                                       "cpus": 2}}})
+    (service,) = _ray_objects(objects)
+    assert service["kind"] == "RayService" and "rollout" not in _groups(service)
+    args = _serve_app(service)["args"]
+    assert (args["model_path"], args["engine"], args["gpus"], args["batch_size"], args["cpus"]) == (
+        "builtin:tiny-arith", "hf", "0", "64", "2")
+    assert "board" not in args  # the replicas follow the board named after their own app
+    assert {env["CROPI_ROLLOUT_APP"] for env in _worker_env(objects).values()} == {"rollout-a"}
+
+
+def test_ray_pods_of_the_rollout_service_are_admitted_by_the_ray_network_policy(rendered):
+    objects = rendered["7b"]
+    (service,) = _of_kind(objects, "RayService")
+    policy = next(p for p in _of_kind(objects, "NetworkPolicy") if p["metadata"]["name"] == f"{_fullname(objects)}-ray")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for pod in (service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
+                *(g["template"] for g in _groups(service).values())):
+        assert selector.items() <= pod["metadata"]["labels"].items()
+
+
+def test_default_values_run_a_ray_cluster_without_rollout_group_and_jobs_deploy_their_own_app(rendered):
+    objects = rendered["default"]
+    (cluster,) = _ray_objects(objects)
+    assert cluster["kind"] == "RayCluster" and cluster["metadata"]["name"] == f"{_fullname(objects)}-ray"
+    assert set(_groups(cluster)) == {"projector", "trainer"}
+    for env in _worker_env(objects).values():
+        assert env["RAY_ADDRESS"] == f"ray://{_fullname(objects)}-ray-head-svc:10001"
+        assert "CROPI_ROLLOUT_APP" not in env
+
+
+def test_a_rollout_group_joins_the_ray_cluster_when_it_has_replicas():
+    objects = render_chart({"ray": {"rollout": {"replicas": 2, "minReplicas": 2, "maxReplicas": 2, "gpus": 1,
+                                                "gpuType": "NVIDIA-L4"}}})
+    (cluster,) = _ray_objects(objects)
+    assert cluster["kind"] == "RayCluster"
+    rollout = _groups(cluster)["rollout"]
+    assert (rollout["replicas"], rollout["rayStartParams"]["num-gpus"]) == (2, "1")
+    assert rollout["template"]["spec"]["containers"][0]["image"].endswith("-gpu")
+
+
+def test_without_ray_there_is_no_ray_cluster_and_no_ray_address():
+    objects = render_chart({"ray": {"enabled": False}})
+    assert _ray_objects(objects) == []
+    assert all("RAY_ADDRESS" not in env and "CROPI_ROLLOUT_APP" not in env for env in _worker_env(objects).values())
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"ray": {"enabled": False, "rolloutService": {"enabled": True}}}, "ray.rolloutService.enabled needs ray.enabled"),
+    ({"ray": {"rolloutService": {"enabled": True, "engine": "vllm"}}}, "ray.rolloutService.engine vllm needs GPUs"),
+    ({"ray": {"rollout": {"replicas": 1, "gpus": 4, "gpuType": "NVIDIA-L4"},
+              "rolloutService": {"enabled": True, "replicas": 3, "tensorParallel": 2}}},
+     "ray.rolloutService needs replicas x tensorParallel = 6 GPUs but the ray.rollout group has replicas x gpus = 4"),
+])
+def test_inconsistent_rollout_service_settings_fail_rendering_with_a_message(values, message):
+    with pytest.raises(HelmError) as err:
+        render_chart(values)
+    assert message in str(err.value)
 
 
 def test_workers_reach_the_ray_head_through_ray_client(rendered):
-    for deploy in _of_kind(rendered["default"], "Deployment"):
-        if deploy["metadata"]["labels"]["app.kubernetes.io/component"] in ("rollout", "projector", "trainer"):
-            env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
-            assert env["RAY_ADDRESS"] == "ray://demo-cropi-ray-head-svc:10001"
+    for env in _worker_env(rendered["default"]).values():
+        assert env["RAY_ADDRESS"] == "ray://demo-cropi-ray-head-svc:10001"
 
 
 def test_network_policies_deny_ingress_by_default(rendered):
@@ -195,13 +328,69 @@ def test_network_policies_deny_ingress_by_default(rendered):
                                                            "app.kubernetes.io/instance": "demo"}}}]
 
 
+def test_metrics_scrapers_are_admitted_to_the_metrics_ports_only_when_named():
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    objects = render_chart({"metrics": {"scrapeFrom": [monitoring]}})
+    policy = next(p for p in _of_kind(objects, "NetworkPolicy")
+                  if p["metadata"]["name"] == f"{_fullname(objects)}-metrics")
+    _assert_valid_kubernetes(policy)
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [monitoring]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}, {"port": "http", "protocol": "TCP"}]
+    # The named ports are the workers' metricsPort and the controller's HTTP port (its /metrics).
+    selected = policy["spec"]["podSelector"]["matchExpressions"][0]["values"]
+    for deploy in _of_kind(objects, "Deployment"):
+        if deploy["metadata"]["labels"]["app.kubernetes.io/component"] in selected:
+            ports = {p["name"]: p["containerPort"] for p in deploy["spec"]["template"]["spec"]["containers"][0]["ports"]}
+            assert ports.get("metrics") == 9090 or ports.get("http") == 8080
+    assert set(selected) == {"controller", *WORKER_KINDS}
+    assert f"{_fullname(objects)}-metrics" not in {p["metadata"]["name"]
+                                                   for p in _of_kind(render_chart(), "NetworkPolicy")}
+    assert _of_kind(render_chart({"metrics": {"scrapeFrom": [monitoring]}, "networkPolicy": {"enabled": False}}),
+                    "NetworkPolicy") == []
+
+
+def test_controller_ingress_routes_its_host_to_the_controller_service():
+    tls = [{"hosts": ["cropi.example.com"], "secretName": "cropi-tls"}]
+    objects = render_chart({"controller": {"ingress": {"enabled": True, "host": "cropi.example.com",
+                                                       "className": "nginx", "tls": tls,
+                                                       "annotations": {"cert-manager.io/cluster-issuer": "le"}}}})
+    (ingress,) = _of_kind(objects, "Ingress")
+    _assert_valid_kubernetes(ingress)
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    service = next(o for o in _of_kind(objects, "Service") if o["metadata"]["name"] == f"{_fullname(objects)}-controller")
+    assert (rule["host"], path["path"], path["pathType"]) == ("cropi.example.com", "/", "Prefix")
+    assert path["backend"]["service"] == {"name": service["metadata"]["name"], "port": {"name": "http"}}
+    assert service["spec"]["ports"][0]["name"] == "http"
+    assert (ingress["spec"]["ingressClassName"], ingress["spec"]["tls"]) == ("nginx", tls)
+    assert _of_kind(render_chart(), "Ingress") == []
+
+
+def test_controller_ingress_without_host_fails_naming_it():
+    with pytest.raises(HelmError) as err:
+        render_chart({"controller": {"ingress": {"enabled": True}}})
+    assert "controller.ingress.host" in str(err.value)
+
+
 def test_notes_tell_the_next_commands(chart):
     notes = chart.render(values={}, name="demo", namespace="ml")["cropi/templates/NOTES.txt"]
     for needle in ("helm install kuberay-operator kuberay/kuberay-operator", "port-forward svc/demo-cropi-controller",
                    "export CROPI_TOKEN=$(kubectl -n ml get secret demo-cropi-token",
                    "cropi submit examples/arith.yaml --wait", "kubectl -n ml apply -f examples/curriculumjob.yaml",
-                   "get cj"):
+                   "get cj", "get raycluster demo-cropi-ray"):
         assert needle in notes
+
+
+def test_notes_name_the_standing_app_and_the_ingress_when_enabled(chart):
+    values = {"ray": {"rolloutService": {"enabled": True}},
+              "controller": {"ingress": {"enabled": True, "host": "cropi.example.com"}}}
+    notes = chart.render(values=values, name="demo", namespace="ml")["cropi/templates/NOTES.txt"]
+    for needle in ("get rayservice demo-cropi-ray", '"cropi-rollout"', "CROPI_ROLLOUT_APP",
+                   "model.path: builtin:tiny-arith", "cropi submit --controller https://cropi.example.com",
+                   "export CROPI_TOKEN=", "controller.allowFrom"):
+        assert needle in notes
+    assert "rayService" not in notes
 
 
 @pytest.mark.parametrize(("values", "names"), [
@@ -212,6 +401,15 @@ def test_notes_tell_the_next_commands(chart):
     ({"ray": {"projector": {"gpu": 1}}}, ["ray", "projector", "gpu"]),
     ({"redis": {"enabled": False}}, ["redis", "external"]),
     ({"objectStore": {"minio": {"enabled": False}}}, ["objectStore", "external"]),
+    ({"ray": {"rolloutService": {"engine": "foo"}}}, ["ray", "rolloutService", "engine"]),
+    ({"ray": {"rolloutService": {"board": "x"}}}, ["ray", "rolloutService", "board"]),
+    ({"ray": {"rolloutService": {"appName": "Not_A_Label"}}}, ["ray", "rolloutService", "appName"]),
+    ({"ray": {"rolloutService": {"gpuMemoryUtilization": 0}}}, ["ray", "rolloutService", "gpuMemoryUtilization"]),
+    ({"ray": {"rollout": {"replicas": -1}}}, ["ray", "rollout", "replicas"]),
+    ({"ray": {"rollout": {"replicas": 1, "gpus": 8}}}, ["ray", "rollout", "gpuType"]),
+    ({"rollout": {"rayService": {"enabled": True}}}, ["rollout"]),  # the old layout: one Ray cluster now
+    ({"metrics": {"scrapeFrom": [{"namespace": "monitoring"}]}}, ["metrics", "scrapeFrom", "namespace"]),
+    ({"controller": {"ingress": {"pathType": "Regex"}}}, ["controller", "ingress", "pathType"]),
 ])
 def test_bad_values_are_rejected_with_a_message_naming_the_key(chart, values, names):
     with pytest.raises(HelmError) as err:
@@ -222,7 +420,7 @@ def test_bad_values_are_rejected_with_a_message_naming_the_key(chart, values, na
 
 def test_preset_values_pass_the_schema(chart):
     for preset in PRESETS:
-        chart.validate_schema(_values(preset))
+        chart.validate_schema(preset_values(preset))
 
 
 def test_values_schema_is_closed_at_every_level():

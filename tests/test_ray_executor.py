@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 
 from cropi.curriculum.runner import run_job
 from cropi.runtime.redis_server import free_port
 from cropi.spec import parse_spec
 
+from .conftest import TEST_MODEL
 from .services import JOB, LocalCluster, comparable_metrics, stored_selections, submit
 
 pytest.importorskip("ray", reason="the Ray executor needs the `ray` extra")
@@ -98,23 +100,70 @@ def ray_head(tmp_path):
     head.wait(timeout=60)
 
 
+def _deploy_chart_rollout_app(address: str, values: dict) -> tuple[str, dict[str, str]]:
+    """Deploy the Serve app of the chart's RayService on the Ray cluster at `address` as KubeRay does
+    from serveConfigV2 (import_path called with the args); returns it and the chart's worker env."""
+    from tests.helm_render import render_chart
+
+    objects = render_chart(values)
+    service = next(o for o in objects if o["kind"] == "RayService")
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    worker = next(o for o in objects if o["kind"] == "Deployment"
+                  and o["metadata"]["labels"]["app.kubernetes.io/component"] == "rollout")
+    env = {e["name"]: e["value"] for e in worker["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    deploy = (
+        "import importlib, json, sys, ray\n"
+        "from ray import serve\n"
+        "app = json.loads(sys.argv[1])\n"
+        "ray.init(address=sys.argv[2])\n"
+        "serve.start(proxy_location='Disabled')\n"
+        "module, _, attr = app['import_path'].partition(':')\n"
+        "serve.run(getattr(importlib.import_module(module), attr)(app['args']), name=app['name'], route_prefix=None)\n"
+    )
+    subprocess.run([sys.executable, "-c", deploy, json.dumps(app), address], check=True, timeout=300,
+                   cwd=Path(__file__).resolve().parents[1])
+    return app["name"], env
+
+
+def _archived_events(store: Path, job: str) -> list[dict]:
+    return [json.loads(line) for line in (store / "jobs" / job / "events.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_services_run_a_ray_job_on_a_shared_ray_cluster(embedded_reference, ray_head, redis_server, tmp_path,
-                                                        tiny_model):
-    # Controller + three workers as separate processes; the workers hand the job's tasks to the
-    # Ray cluster they all join (RAY_ADDRESS), as pods of the chart do.
-    cluster = LocalCluster(redis_server, str(tmp_path / "store"), tmp_path / "logs", env={"RAY_ADDRESS": ray_head},
-                           visibility_timeout=120)
+def test_two_jobs_take_turns_on_the_charts_standing_rollout_app_and_match_the_inline_run(
+        embedded_reference, ray_head, redis_server, tmp_path, tiny_model):
+    # One Ray cluster as the chart runs it with ray.rolloutService.enabled: the RayService's standing
+    # rollout app, and controller + workers as separate processes joined to it with the chart's env.
+    app, chart_env = _deploy_chart_rollout_app(ray_head, {"ray": {"rolloutService": {
+        "enabled": True, "modelPath": TEST_MODEL, "replicas": 1, "cpus": 1}}})
+    assert chart_env["CROPI_ROLLOUT_APP"] == app
+    cluster = LocalCluster(redis_server, str(tmp_path / "store"), tmp_path / "logs", visibility_timeout=120,
+                           env={"RAY_ADDRESS": ray_head, "CROPI_ROLLOUT_APP": chart_env["CROPI_ROLLOUT_APP"]})
+    jobs = [JOB["name"], JOB["name"] + "-next"]
     try:
         cluster.start("controller")
         cluster.start("rollout")
         cluster.start("projector", None, "--parallel", "2")
         cluster.start("trainer")
-        submit(cluster, RAY_JOB)
-        status = cluster.wait_phase(JOB["name"], timeout_s=900)
+        for name in jobs:
+            submit(cluster, {**RAY_JOB, "name": name})
+        statuses = [cluster.wait_phase(name, timeout_s=1200) for name in jobs]
     finally:
         cluster.stop_all()
-    assert status["phase"] == "done", status
-    assert status["step"] == 6
-    assert stored_selections(tmp_path / "store", JOB["name"]) == stored_selections(embedded_reference / "store",
-                                                                                 JOB["name"])
+
+    assert [(s["phase"], s["step"]) for s in statuses] == [("done", 6), ("done", 6)], statuses
+    want = stored_selections(embedded_reference / "store", JOB["name"])
+    for name in jobs:  # the second job sampled from the base weights again, not the first one's
+        assert stored_selections(tmp_path / "store", name) == want
+    events = {name: _archived_events(tmp_path / "store", name) for name in jobs}
+    claims = {name: [e for e in events[name] if e["kind"] == "rollout_claimed"] for name in jobs}
+    for name in jobs:  # one claim each: the replicas went back to the base weights once per job
+        assert [e["message"] for e in claims[name]] == [f"rollout app {app}: serving job {name} from the base weights"]
+    # The job that came second had its tasks deferred while the first one held the app.
+    waited = [name for name in jobs if any(e["kind"] == "task_deferred" for e in events[name])]
+    assert len(waited) == 1, waited
+    second = waited[0]
+    first = next(name for name in jobs if name != second)
+    assert any(f"rollout app {app} is serving job {first}" in e["message"] for e in events[second]
+               if e["kind"] == "task_deferred")
+    assert claims[first][0]["time"] < claims[second][0]["time"]

@@ -26,7 +26,11 @@ from ray import serve
 from cropi.curriculum.workers import Deferred
 from cropi.distributed import standing_rollout
 from cropi.distributed.rollout_replica import HFReplicaEngine, RolloutReplica
-from cropi.distributed.rollout_serve import ServeRolloutEngine, run_app, stop_rollout_service
+from cropi.distributed.rollout_serve import (
+    ServeRolloutEngine,
+    run_app,
+    stop_rollout_service,
+)
 from cropi.distributed.weight_sync import named_weights
 
 APP = "cropi-rollout-standing-test"

@@ -3,7 +3,8 @@
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Kept to 40 characters: KubeRay appends "-head-svc" and group names to the RayCluster's name. */}}
+{{/* Kept to 40 characters: KubeRay appends "-head-svc" and group names to the RayCluster's (or
+     RayService's) name. */}}
 {{- define "cropi.fullname" -}}
 {{- if .Values.fullnameOverride -}}
 {{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
@@ -119,6 +120,9 @@ imagePullSecrets:
 {{ include "cropi.fullname" . }}-minio
 {{- end -}}
 
+{{/* The head Service of the release's Ray cluster: KubeRay names it <RayCluster name>-head-svc, and
+     for a RayService <RayService name>-head-svc (stable across the clusters it runs); both objects
+     are named <fullname>-ray. */}}
 {{- define "cropi.rayHeadService" -}}
 {{ include "cropi.fullname" . }}-ray-head-svc
 {{- end -}}

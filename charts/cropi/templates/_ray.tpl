@@ -19,6 +19,13 @@ spec:
       imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
       securityContext:
         {{- include "cropi.containerSecurityContext" .ctx | nindent 8 }}
+      {{- if .ctx.Values.ray.rolloutService.enabled }}
+      # The standing rollout app is built on the cluster (not by a job's driver, whose environment
+      # per-job apps inherit): its replicas read the object store (weights published there) from
+      # the Ray nodes' own environment.
+      env:
+        {{- include "cropi.storeEnv" .ctx | nindent 8 }}
+      {{- end }}
       resources:
         {{- include "cropi.gpuResources" (dict "resources" $n.resources "gpus" .gpus "gpuResource" ($n.gpuResource | default "nvidia.com/gpu")) | nindent 8 }}
       volumeMounts:
@@ -55,4 +62,40 @@ rayStartParams:
   num-gpus: "0"
 template:
   {{- include "cropi.rayPod" (dict "ctx" .ctx "component" .component "container" "ray-head" "node" .head "gpus" 0) | nindent 2 }}
+{{- end -}}
+
+{{/* The release's one Ray cluster (a RayCluster's spec, or a RayService's rayClusterConfig): the
+     head, the projection pool, the ZeRO-3 trainer and, with ray.rollout.replicas > 0, the rollout
+     group. Every pod carries the release's labels and cropi.dev/ray: "true" (the NetworkPolicy's
+     selector), whichever object owns it. Call with the root context. */}}
+{{- define "cropi.rayClusterSpec" -}}
+{{- $r := .Values.ray -}}
+rayVersion: {{ $r.rayVersion | quote }}
+headGroupSpec:
+  {{- include "cropi.rayHeadGroup" (dict "ctx" . "component" "ray-head" "head" $r.head) | nindent 2 }}
+workerGroupSpecs:
+  {{- include "cropi.rayWorkerGroup" (dict "ctx" . "name" "projector" "component" "ray-projector" "group" $r.projector) | nindent 2 }}
+  {{- include "cropi.rayWorkerGroup" (dict "ctx" . "name" "trainer" "component" "ray-trainer" "group" $r.trainer) | nindent 2 }}
+  {{- if gt (int $r.rollout.replicas) 0 }}
+  {{- include "cropi.rayWorkerGroup" (dict "ctx" . "name" "rollout" "component" "ray-rollout" "group" $r.rollout) | nindent 2 }}
+  {{- end }}
+{{- end -}}
+
+{{/* Settings that no schema can check (they relate several keys): fail with the keys' names. */}}
+{{- define "cropi.validateRay" -}}
+{{- $r := .Values.ray -}}
+{{- $s := $r.rolloutService -}}
+{{- if $s.enabled -}}
+{{- if not $r.enabled -}}
+{{- fail "ray.rolloutService.enabled needs ray.enabled: the standing rollout app runs on the release's Ray cluster" -}}
+{{- end -}}
+{{- $groupGpus := mul (int $r.rollout.replicas) (int $r.rollout.gpus) -}}
+{{- if and (eq $s.engine "vllm") (eq (int $groupGpus) 0) -}}
+{{- fail "ray.rolloutService.engine vllm needs GPUs: set ray.rollout.replicas and ray.rollout.gpus (and gpuType)" -}}
+{{- end -}}
+{{- $needed := mul (int $s.replicas) (int $s.tensorParallel) -}}
+{{- if and (gt (int $r.rollout.gpus) 0) (gt (int $needed) (int $groupGpus)) -}}
+{{- fail (printf "ray.rolloutService needs replicas x tensorParallel = %d GPUs but the ray.rollout group has replicas x gpus = %d" (int $needed) (int $groupGpus)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
