@@ -19,6 +19,7 @@ from cropi.rollout.hf import HFRolloutEngine
 from cropi.spec import parse_spec
 
 from .conftest import TEST_MODEL
+from .weights import perturbed
 
 pytest.importorskip("ray", reason="the rollout service needs the `ray` extra")
 
@@ -71,15 +72,6 @@ def weights_service(serve_module, tiny_model):
     handle = _start("rollout-weights-test", follow_board=True)
     yield handle
     stop_rollout_service("rollout-weights-test")
-
-
-def _perturbed(model, seed: int):
-    new = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return new
 
 
 def _teacher_forced(model, prompt_ids, response_ids, temperature):
@@ -147,7 +139,7 @@ def test_weights_from_the_store_change_what_the_replica_scores_and_samples(weigh
     from cropi.runtime.store import LocalStore
 
     model, tok = tiny_model
-    new = _perturbed(model, seed=1)
+    new = perturbed(model, seed=1)
     store = LocalStore(tmp_path / "store")
     publish_weights(new, store, "jobs/t/trainer/weights", tok)
     prompt_ids, response_ids = tok("max(3,9)=")["input_ids"], tok("9")["input_ids"] + [tok.eos_token_id]
@@ -165,7 +157,7 @@ def test_weights_from_the_store_change_what_the_replica_scores_and_samples(weigh
 
 def test_a_request_for_newer_weights_waits_for_them(weights_service, tiny_model):
     model, tok = tiny_model
-    new = _perturbed(model, seed=2)
+    new = perturbed(model, seed=2)
     version = _version(weights_service) + 1
     pending = weights_service.generate.remote(PROMPTS, 2, SAMPLED, version)
     time.sleep(0.5)  # the request is queued behind its version, not answered from the current weights
@@ -186,7 +178,7 @@ def test_replicas_follow_the_trainers_broadcasts_announced_on_the_weight_board(w
     from cropi.runtime.redis_server import free_port
 
     model, tok = tiny_model
-    trainer = _perturbed(model, seed=3)
+    trainer = perturbed(model, seed=3)
     host, port = node_address(), free_port()
     version = _version(weights_service) + 1
     ray.get(get_or_create_board("rollout-weights-test").announce.remote(
@@ -207,7 +199,7 @@ def test_a_half_streamed_version_holds_sampling_until_it_is_complete(tiny_model)
     model, tok = tiny_model
     engine = HFReplicaEngine(copy.deepcopy(model), tok, batch_size=BATCH)
     replica = RolloutReplica(engine, engine.weight_names)
-    new = dict(_perturbed(model, seed=4).state_dict())
+    new = dict(perturbed(model, seed=4).state_dict())
     names = sorted(engine.weight_names)
     first, rest = names[: len(names) // 2], names[len(names) // 2 :]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from cropi.errors import InputError
 from cropi.rollout.base import SamplingParams
@@ -18,6 +17,7 @@ from cropi.runtime.jobs import JobRegistry
 from cropi.spec import parse_spec
 
 from .conftest import TEST_MODEL
+from .weights import perturbed
 
 pytest.importorskip("ray", reason="the rollout service needs the `ray` extra")
 
@@ -39,15 +39,6 @@ BATCH = 4
 SAMPLED = SamplingParams(temperature=0.8, max_new_tokens=6, seed=5)
 
 
-def _perturbed(model, seed: int):
-    new = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return new
-
-
 def _responses(groups) -> list[list[list[int]]]:
     return [[t.response_ids for t in g] for g in groups]
 
@@ -65,7 +56,7 @@ def test_a_replica_goes_back_to_its_base_weights_when_the_next_job_claims_it(tin
     engine = HFReplicaEngine(copy.deepcopy(model), tok, batch_size=BATCH)
     replica = RolloutReplica(engine, engine.weight_names, base_weights=lambda: named_weights(model))
     base = HFRolloutEngine(model, tok, batch_size=BATCH).generate(PROMPTS, 2, SAMPLED)
-    trained = _perturbed(model, seed=1)
+    trained = perturbed(model, seed=1)
 
     replica.load_base("job-a")
     replica.load_weights(trained.state_dict().items(), version=5)
@@ -135,7 +126,7 @@ def test_jobs_take_turns_on_the_app_and_each_starts_from_the_base_weights(standi
 
     model, tok = tiny_model
     base = HFRolloutEngine(model, tok, batch_size=BATCH).generate(PROMPTS, 2, SAMPLED)
-    trained = _perturbed(model, seed=2)
+    trained = perturbed(model, seed=2)
     assert standing.describe.remote().result()["replicas"] == 1
 
     # Job a claims the app, samples the base model, then its trainer publishes version 1.
