@@ -6,10 +6,12 @@ trainer's weights through either sync path."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,16 @@ def test_unknown_ray_settings_are_refused_naming_the_field():
 
 
 
+@dataclass(frozen=True)
+class RayHead:
+    gcs: str  # host:port, what processes on the head's node (KubeRay's Serve deployer) join
+    client: str  # ray://host:port, Ray Client, what the chart's worker pods join
+    # Ray's token auth is on by default for a local ray.init() (which writes ~/.ray/auth_token) and
+    # then for every `ray start` that finds that file; this cluster and its clients say it is off,
+    # whatever ran before on the machine.
+    env: tuple[tuple[str, str], ...] = (("RAY_AUTH_MODE", "disabled"),)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray cluster started the way a KubeRay head starts (`ray start --head --block`), for
@@ -82,25 +94,28 @@ def ray_head(tmp_path):
     port = free_port()
     ports = {flag: free_port() for flag in ("--ray-client-server-port", "--dashboard-agent-listen-port",
                                              "--dashboard-agent-grpc-port", "--metrics-export-port")}
+    client_port = ports["--ray-client-server-port"]
     log = open(tmp_path / "ray-head.log", "w")
+    env = {**os.environ, **dict(RayHead.env)}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
          "--include-dashboard=false", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert head.poll() is None, (tmp_path / "ray-head.log").read_text()
-            time.sleep(0.5)
-    yield f"127.0.0.1:{port}"
+    for listening in (port, client_port):
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", listening), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None, (tmp_path / "ray-head.log").read_text()
+                time.sleep(0.5)
+    yield RayHead(gcs=f"127.0.0.1:{port}", client=f"ray://127.0.0.1:{client_port}")
     head.terminate()
     head.wait(timeout=60)
 
 
-def _deploy_chart_rollout_app(address: str, values: dict) -> tuple[str, dict[str, str]]:
+def _deploy_chart_rollout_app(head: RayHead, values: dict) -> tuple[str, dict[str, str]]:
     """Deploy the Serve app of the chart's RayService on the Ray cluster at `address` as KubeRay does
     from serveConfigV2 (import_path called with the args); returns it and the chart's worker env."""
     from tests.helm_render import render_chart
@@ -120,8 +135,8 @@ def _deploy_chart_rollout_app(address: str, values: dict) -> tuple[str, dict[str
         "module, _, attr = app['import_path'].partition(':')\n"
         "serve.run(getattr(importlib.import_module(module), attr)(app['args']), name=app['name'], route_prefix=None)\n"
     )
-    subprocess.run([sys.executable, "-c", deploy, json.dumps(app), address], check=True, timeout=300,
-                   cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", deploy, json.dumps(app), head.gcs], check=True, timeout=300,
+                   cwd=Path(__file__).resolve().parents[1], env={**os.environ, **dict(head.env)})
     return app["name"], env
 
 
@@ -133,12 +148,14 @@ def _archived_events(store: Path, job: str) -> list[dict]:
 def test_two_jobs_take_turns_on_the_charts_standing_rollout_app_and_match_the_inline_run(
         embedded_reference, ray_head, redis_server, tmp_path, tiny_model):
     # One Ray cluster as the chart runs it with ray.rolloutService.enabled: the RayService's standing
-    # rollout app, and controller + workers as separate processes joined to it with the chart's env.
+    # rollout app, and controller + workers as separate processes joined to it through Ray Client
+    # with the chart's env.
     app, chart_env = _deploy_chart_rollout_app(ray_head, {"ray": {"rolloutService": {
         "enabled": True, "modelPath": TEST_MODEL, "replicas": 1, "cpus": 1}}})
     assert chart_env["CROPI_ROLLOUT_APP"] == app
     cluster = LocalCluster(redis_server, str(tmp_path / "store"), tmp_path / "logs", visibility_timeout=120,
-                           env={"RAY_ADDRESS": ray_head, "CROPI_ROLLOUT_APP": chart_env["CROPI_ROLLOUT_APP"]})
+                           env={**dict(ray_head.env), "RAY_ADDRESS": ray_head.client,
+                                "CROPI_ROLLOUT_APP": chart_env["CROPI_ROLLOUT_APP"]})
     jobs = [JOB["name"], JOB["name"] + "-next"]
     try:
         cluster.start("controller")
