@@ -50,9 +50,9 @@ class ControllerClient:
         if r.status_code == 401:
             raise InputError(f"controller {self.url} refused the token (401): check CROPI_TOKEN")
         if 400 <= r.status_code < 500:
-            raise InputError(f"controller refused the request ({r.status_code}): {_detail(r)}")
+            raise InputError(f"controller refused the request ({r.status_code}): {response_detail(r)}")
         if r.status_code >= 500:
-            raise ControllerError(f"controller error ({r.status_code}): {_detail(r)}")
+            raise ControllerError(f"controller error ({r.status_code}): {response_detail(r)}")
         return r.json()
 
     def submit(self, spec_yaml: str) -> dict[str, Any]:
@@ -72,7 +72,8 @@ class ControllerClient:
                           timeout=wait_ms / 1000 + 30)
 
 
-def _detail(r: httpx.Response) -> str:
+def response_detail(r: httpx.Response) -> str:
+    """The controller's reason for refusing a request, fit for a one-line message."""
     try:
         detail = r.json().get("detail", r.text)
     except ValueError:

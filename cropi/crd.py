@@ -21,9 +21,7 @@ CRD and `job_spec_of` fills it in.
 
 from __future__ import annotations
 
-import copy
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -35,7 +33,6 @@ GROUP = "cropi.dev"
 VERSION = "v1alpha1"
 KIND = "CurriculumJob"
 PLURAL = "curriculumjobs"
-API_VERSION = f"{GROUP}/{VERSION}"
 REGENERATE = "python -m cropi.crd > charts/cropi/crds/curriculumjob.yaml"
 
 # JSON-schema keywords that mean the same in a Kubernetes structural schema.
@@ -204,22 +201,18 @@ def render_crd() -> str:
     return header + yaml.safe_dump(curriculumjob_crd(), sort_keys=False, width=120)
 
 
-def write_crd(path: str | Path) -> None:
-    Path(path).write_text(render_crd())
-
-
 def job_spec_of(resource: dict[str, Any]) -> JobSpec:
     """The job spec of a CurriculumJob resource: `.spec`, named after metadata.name.
 
     Raises InputError (naming the field) for a spec the model refuses, or a
     spec.name that differs from metadata.name (the job would not be the object's)."""
     meta = resource["metadata"]
-    spec = copy.deepcopy(dict(resource.get("spec") or {}))
     name = meta["name"]
-    if spec.get("name", name) != name:
-        raise InputError(f"invalid job spec ({KIND} {name} .spec):\n  name: {spec['name']!r} differs from "
+    given = resource.get("spec") or {}
+    if given.get("name", name) != name:
+        raise InputError(f"invalid job spec ({KIND} {name} .spec):\n  name: {given['name']!r} differs from "
                          f"metadata.name {name!r}; leave spec.name out (it defaults to metadata.name)")
-    spec["name"] = name
+    spec = {**given, "name": name}  # a new dict: the resource is not changed
     where = f"{meta['namespace']}/{name}" if meta.get("namespace") else name
     return parse_spec(spec, f"{KIND} {where} .spec")
 

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from cropi.errors import InputError
 
@@ -156,7 +163,8 @@ class JobSpec(_Section):
     influence: InfluenceSpec = InfluenceSpec()
     eval: EvalSpec = EvalSpec()
     executor: Literal["inline", "ray"] = Field(
-        "inline", description="inline: tasks run in the worker process; ray: on the Ray components of `ray`")
+        "inline", validate_default=True,
+        description="inline: tasks run in the worker process; ray: on the Ray components of `ray`")
     ray: RaySpec = RaySpec()
     seed: int = 0
 
@@ -166,6 +174,16 @@ class JobSpec(_Section):
         # Job names become Kubernetes object names and storage prefixes.
         return _require(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v,
                         "must be a DNS label: lowercase letters, digits and '-', 1-63 chars")
+
+    @field_validator("executor")
+    @classmethod
+    def _engine_runs_there(cls, v: str, info: ValidationInfo) -> str:
+        # Checked here, not where a job runs: the inline worker would quietly sample with HF instead.
+        rollout = info.data.get("rollout")
+        if v == "inline" and rollout is not None and rollout.engine != "hf":
+            raise ValueError(f"rollout.engine {rollout.engine} runs in the Ray rollout service; set executor: ray "
+                             "(the inline executor uses the 'hf' engine)")
+        return v
 
     @property
     def total_steps(self) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import kopf
 
-from cropi.client import ControllerClient
+from cropi.client import ControllerClient, response_detail
 from cropi.crd import GROUP, PLURAL, VERSION, job_spec_of
 from cropi.errors import InputError
 from cropi.spec import JobSpec
@@ -103,13 +103,6 @@ def _call(client: ControllerClient, method: str, path: str, **kwargs: Any) -> ht
     return r
 
 
-def _detail(r: httpx.Response) -> str:
-    try:
-        return str(r.json().get("detail", r.text))
-    except ValueError:
-        return r.text[:500]
-
-
 # ---------------------------------------------------------------- handler logic
 
 
@@ -150,10 +143,10 @@ def submit(spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str
         raise refused(INVALID, "InvalidSpec", str(err)) from None
     r = _call(client, "POST", "/v1/jobs", json={"spec": job.to_yaml()})
     if r.status_code == 409:
-        raise refused(CONFLICT, "NameConflict", f"{_detail(r)} (job names are shared by every namespace "
+        raise refused(CONFLICT, "NameConflict", f"{response_detail(r)} (job names are shared by every namespace "
                                                 f"the operator watches)")
     if r.status_code >= 400:  # 422: the controller runs a different spec version than the operator
-        raise refused(INVALID, "InvalidSpec", f"controller refused the spec ({r.status_code}): {_detail(r)}")
+        raise refused(INVALID, "InvalidSpec", f"controller refused the spec ({r.status_code}): {response_detail(r)}")
     verb = "submitted" if r.status_code == 201 else "already submitted"
     conditions = set_condition(conditions, "Submitted", True, "Submitted",
                                f"{verb} to the controller as job {job.name}", now, meta.get("generation"))
@@ -208,7 +201,7 @@ def poll(spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str, 
         # training, so say so and keep looking: a restored Redis brings it back.
         return {"phase": UNKNOWN, "message": f"the controller has no job {job!r}"}
     if r.status_code >= 400:
-        raise kopf.TemporaryError(f"controller refused GET {job} ({r.status_code}): {_detail(r)}", delay=RETRY_S)
+        raise kopf.TemporaryError(f"controller refused GET {job} ({r.status_code}): {response_detail(r)}", delay=RETRY_S)
     return mirror(r.json(), status, now)
 
 
@@ -225,7 +218,7 @@ def cancel(spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str
     if r.status_code == 404:  # already gone at the controller: nothing left to stop
         return False
     if r.status_code >= 400:
-        raise kopf.TemporaryError(f"controller refused to cancel {job} ({r.status_code}): {_detail(r)}",
+        raise kopf.TemporaryError(f"controller refused to cancel {job} ({r.status_code}): {response_detail(r)}",
                                   delay=RETRY_S)
     return True
 

@@ -139,7 +139,7 @@ def test_a_name_taken_by_another_spec_is_a_conflict_and_the_other_job_is_untouch
     assert controller.jobs.get("cj-a")["cancel"] == 0
 
 
-def test_an_unreachable_controller_is_a_temporary_error(controller):
+def test_an_unreachable_controller_is_a_temporary_error():
     nobody = ControllerClient(f"http://127.0.0.1:{free_port()}", TOKEN, timeout_s=2)
     with pytest.raises(kopf.TemporaryError, match="unreachable") as err:
         op.submit(SPEC, meta(), {}, nobody)
@@ -198,7 +198,7 @@ def test_a_terminal_job_gets_its_final_status_and_polling_stops(controller, phas
     assert op.poll(SPEC, meta(), status, controller.client(), now=T2) == {}
 
 
-def test_nothing_is_polled_for_a_resource_that_was_never_submitted(controller):
+def test_nothing_is_polled_for_a_resource_that_was_never_submitted():
     invalid = {"phase": op.INVALID, "conditions": []}
     assert not op.needs_polling(invalid)
     assert op.poll(SPEC, meta(), invalid, ControllerClient("http://127.0.0.1:9", TOKEN)) == {}
@@ -275,7 +275,7 @@ def test_deleting_a_resource_that_never_submitted_does_not_cancel_a_same_named_j
     assert not controller.jobs.cancel_requested("cj-a")
 
 
-def test_deleting_while_the_controller_is_down_is_retried(controller):
+def test_deleting_while_the_controller_is_down_is_retried():
     nobody = ControllerClient(f"http://127.0.0.1:{free_port()}", TOKEN, timeout_s=2)
     with pytest.raises(kopf.TemporaryError):
         op.cancel(SPEC, meta(), {"controllerJob": "cj-a", "phase": op.QUEUED}, nobody)

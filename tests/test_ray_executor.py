@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from cropi.runtime.redis_server import free_port
 from cropi.spec import parse_spec
 
 from .conftest import TEST_MODEL
+from .netutil import wait_for_port
 from .services import JOB, LocalCluster, comparable_metrics, stored_selections, submit
 
 pytest.importorskip("ray", reason="the Ray executor needs the `ray` extra")
@@ -77,14 +76,16 @@ def test_unknown_ray_settings_are_refused_naming_the_field():
 
 
 
+# Ray's token auth is on by default for a local ray.init() (which writes ~/.ray/auth_token) and then
+# for every `ray start` that finds that file; the test cluster and its clients say it is off,
+# whatever ran before on the machine.
+RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
 @dataclass(frozen=True)
 class RayHead:
     gcs: str  # host:port, what processes on the head's node (KubeRay's Serve deployer) join
     client: str  # ray://host:port, Ray Client, what the chart's worker pods join
-    # Ray's token auth is on by default for a local ray.init() (which writes ~/.ray/auth_token) and
-    # then for every `ray start` that finds that file; this cluster and its clients say it is off,
-    # whatever ran before on the machine.
-    env: tuple[tuple[str, str], ...] = (("RAY_AUTH_MODE", "disabled"),)
 
 
 @pytest.fixture
@@ -96,20 +97,17 @@ def ray_head(tmp_path):
                                              "--dashboard-agent-grpc-port", "--metrics-export-port")}
     client_port = ports["--ray-client-server-port"]
     log = open(tmp_path / "ray-head.log", "w")
-    env = {**os.environ, **dict(RayHead.env)}
+    env = {**os.environ, **RAY_ENV}
     head = subprocess.Popen(
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
          "--include-dashboard=false", "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())],
         stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 60
-    for listening in (port, client_port):
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", listening), timeout=1).close()
-                break
-            except OSError:
-                assert head.poll() is None, (tmp_path / "ray-head.log").read_text()
-                time.sleep(0.5)
+    try:
+        for listening in (port, client_port):
+            wait_for_port(listening, timeout_s=60)
+    except TimeoutError as err:
+        head.kill()
+        pytest.fail(f"{err}; the head's log:\n{(tmp_path / 'ray-head.log').read_text()}")
     yield RayHead(gcs=f"127.0.0.1:{port}", client=f"ray://127.0.0.1:{client_port}")
     head.terminate()
     head.wait(timeout=60)
@@ -136,7 +134,7 @@ def _deploy_chart_rollout_app(head: RayHead, values: dict) -> tuple[str, dict[st
         "serve.run(getattr(importlib.import_module(module), attr)(app['args']), name=app['name'], route_prefix=None)\n"
     )
     subprocess.run([sys.executable, "-c", deploy, json.dumps(app), head.gcs], check=True, timeout=300,
-                   cwd=Path(__file__).resolve().parents[1], env={**os.environ, **dict(head.env)})
+                   cwd=Path(__file__).resolve().parents[1], env={**os.environ, **RAY_ENV})
     return app["name"], env
 
 
@@ -154,7 +152,7 @@ def test_two_jobs_take_turns_on_the_charts_standing_rollout_app_and_match_the_in
         "enabled": True, "modelPath": TEST_MODEL, "replicas": 1, "cpus": 1}}})
     assert chart_env["CROPI_ROLLOUT_APP"] == app
     cluster = LocalCluster(redis_server, str(tmp_path / "store"), tmp_path / "logs", visibility_timeout=120,
-                           env={**dict(ray_head.env), "RAY_ADDRESS": ray_head.client,
+                           env={**RAY_ENV, "RAY_ADDRESS": ray_head.client,
                                 "CROPI_ROLLOUT_APP": chart_env["CROPI_ROLLOUT_APP"]})
     jobs = [JOB["name"], JOB["name"] + "-next"]
     try:

@@ -66,6 +66,7 @@ def test_errors_inside_lists_name_the_index(tmp_path):
         ({"rollout": {"temperature": 0}}, "rollout.temperature"),
         ({"rollout": {"n": 1}}, "rollout.n"),
         ({"seed": "zero"}, "seed"),
+        ({"rollout": {"engine": "vllm"}}, "executor: Value error, rollout.engine vllm runs in the Ray rollout service"),
     ],
 )
 def test_invalid_values_are_rejected_with_their_path(data, fragment):

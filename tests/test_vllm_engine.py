@@ -8,7 +8,6 @@ CUDA device (vLLM does not run on this project's CPU machines).
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 
 import pytest
@@ -20,6 +19,7 @@ from cropi.rollout.base import SamplingParams, Trajectory
 from cropi.rollout.hf import HFRolloutEngine
 
 from .conftest import TEST_MODEL
+from .weights import perturbed
 
 PROMPTS = ["1+2=", "max(12,3456)=", "rev(98)="]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -96,11 +96,7 @@ def test_a_seed_reproduces_a_request_whatever_runs_beside_it(vllm_engine):
 @needs_vllm
 def test_new_weights_reach_the_running_engine(vllm_engine, tiny_model, tmp_path):
     model, tok = tiny_model
-    new = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    new = perturbed(model, seed=5)
     prompt_ids, response_ids = tok("max(3,9)=")["input_ids"], tok("9")["input_ids"] + [tok.eos_token_id]
 
     assert vllm_engine.load_weights(new.named_parameters()) == len(list(new.named_parameters()))

@@ -79,7 +79,15 @@ class Controller:
         text = spec.to_yaml()
         if not self.store.exists(spec_key(spec.name)):
             self.store.put(spec_key(spec.name), text.encode())
-        return self.jobs.create(spec.name, text)
+        created = self.jobs.create(spec.name, text)
+        if created:  # a name Redis no longer knew (wiped, restored): nothing of it is submitted there
+            self._views.pop(spec.name, None)
+            self._emitted = {e for e in self._emitted if e[0] != spec.name}
+        return created
+
+    def resync(self) -> None:
+        """Redis was away (maybe restarted without its last writes): re-submit each phase's tasks once."""
+        self._emitted.clear()
 
     def view(self, job: str) -> JobView:
         if job not in self._views:

@@ -113,9 +113,6 @@ def _sft_progress(console: Console):
 
 class EmbeddedRun:
     def __init__(self, spec: JobSpec, run_dir: Path, console: Console | None = None):
-        if spec.rollout.engine != "hf" and spec.executor != "ray":
-            raise InputError("rollout.engine: vllm runs in the Ray rollout service; set executor: ray "
-                             "(the inline executor uses the 'hf' engine)")
         self.spec = spec
         self.run_dir = run_dir
         self.console = console or Console()

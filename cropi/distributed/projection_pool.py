@@ -104,10 +104,6 @@ class ProjectionPool:
         for actor in self.actors:
             self._idle.put(actor)
 
-    @property
-    def size(self) -> int:
-        return len(self.actors)
-
     def prepare(self, job: str, stage: int) -> None:
         """Load `stage` on every actor now, e.g. to time the parts without the start-up."""
         with self._lock:

@@ -55,11 +55,10 @@ def _broadcast(obj: Any, rank: int) -> Any:
 class WeightPublisher:
     """After each step, the trainer's weights go to every rollout replica (all ranks call `publish`)."""
 
-    def __init__(self, spec: JobSpec, trainer: Any, tokenizer: Any, store: Any, app_name: str, receivers: int,
-                 rank: int):
+    def __init__(self, spec: JobSpec, trainer: Any, store: Any, app_name: str, receivers: int, rank: int):
         from cropi.distributed.weight_channel import get_or_create_board, node_address
 
-        self.spec, self.trainer, self.tokenizer, self.store, self.rank = spec, trainer, tokenizer, store, rank
+        self.spec, self.trainer, self.store, self.rank = spec, trainer, store, rank
         self.board = get_or_create_board(app_name) if rank == 0 else None
         self.group = None
         if spec.ray.weight_sync == "broadcast" and rank == 0:
@@ -79,7 +78,7 @@ class WeightPublisher:
             send_weights(self.trainer.model, self.group, version, self.spec.ray.sync_bucket_mb << 20)
             return
         prefix = weights_prefix(self.spec.name)
-        self.trainer.export_hf(self.store, prefix, self.tokenizer)
+        self.trainer.export_hf(self.store, prefix, None)  # replicas read the weights only
         if self.rank == 0:
             import ray
 
@@ -153,7 +152,7 @@ def stage_worker(config: dict) -> dict | None:
     if rank == 0:
         handle = serve.get_app_handle(config["app_name"])
         engine = ServeRolloutEngine(handle, min_version_fn=lambda: policy.version, owner=job)
-    publisher = WeightPublisher(spec, trainer, tokenizer, store, config["app_name"], config["receivers"], rank)
+    publisher = WeightPublisher(spec, trainer, store, config["app_name"], config["receivers"], rank)
     policy = RayPolicy(spec, trainer, engine, publisher, rank)
     try:
         policy.sync(journal.progress.step if journal.progress else 0)

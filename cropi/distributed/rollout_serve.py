@@ -189,10 +189,9 @@ def rollout_app(config: RolloutConfig, *, replicas: int = 1, cpus: float = 1, gp
                                                  version_wait_s, follow_board, owner, replicas)
 
 
-def start_rollout_service(spec: JobSpec, app_name: str, *, model_path: str | None = None,
-                          max_batch_size: int = DEFAULT_MAX_BATCH, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
-                          version_wait_s: float = DEFAULT_VERSION_WAIT_S, follow_board: bool = True,
-                          cpus_per_replica: float = 1) -> serve.handle.DeploymentHandle:
+def start_rollout_service(spec: JobSpec, app_name: str, *, max_batch_size: int = DEFAULT_MAX_BATCH, batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_S,
+                          version_wait_s: float = DEFAULT_VERSION_WAIT_S,
+                          follow_board: bool = True) -> serve.handle.DeploymentHandle:
     """The job's rollout service as Serve app `app_name` (started unless it is already running).
 
     Serve runs without its HTTP proxy: callers use the handle. Replicas hold
@@ -201,12 +200,12 @@ def start_rollout_service(spec: JobSpec, app_name: str, *, model_path: str | Non
     """
     from cropi.distributed.ray_runtime import init_ray
 
-    config = RolloutConfig.from_spec(spec, model_path)  # bad settings fail here, before anything starts
+    config = RolloutConfig.from_spec(spec)  # bad settings fail here, before anything starts
     init_ray(spec.ray.address, spec.ray.num_cpus)
-    if _app_status(app_name) in ("RUNNING", "DEPLOYING"):  # another caller started it: redeploying would
+    if app_status(app_name) in ("RUNNING", "DEPLOYING"):  # another caller started it: redeploying would
         return serve.get_app_handle(app_name)                 # restart its replicas at the base weights
     serve.start(proxy_location="Disabled")
-    app = rollout_app(config, replicas=spec.ray.rollout_replicas, cpus=cpus_per_replica, gpus=spec.ray.rollout_gpus,
+    app = rollout_app(config, replicas=spec.ray.rollout_replicas, cpus=1, gpus=spec.ray.rollout_gpus,
                       max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
                       version_wait_s=version_wait_s, follow_board=follow_board, owner=spec.name)
     return run_app(app, app_name)
@@ -230,7 +229,7 @@ def stop_rollout_service(app_name: str) -> None:
 
     from cropi.distributed.weight_channel import BOARD_NAMESPACE, board_name
 
-    if _app_status(app_name) is not None:
+    if app_status(app_name) is not None:
         serve.delete(app_name)
     try:
         ray.kill(ray.get_actor(board_name(app_name), namespace=BOARD_NAMESPACE))
@@ -257,7 +256,8 @@ class ServeRolloutEngine:
         return self.handle.generate.remote(list(prompts), n, sampling, min_version, self.owner).result()
 
 
-def _app_status(app_name: str) -> str | None:
+def app_status(app_name: str) -> str | None:
+    """The Serve app's status (RUNNING, DEPLOYING, ...), None when there is no such app."""
     app = serve.status().applications.get(app_name)  # no applications (not an error) when Serve is not running
     return None if app is None else str(app.status.value)
 

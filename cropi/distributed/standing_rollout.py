@@ -56,9 +56,11 @@ def standing_handle(app: str, address: str | None):
     """The running app's handle; a clear error when no such app runs on this Ray cluster."""
     from ray import serve
 
-    status = serve.status().applications.get(app)
-    if status is None or str(status.status.value) not in ("RUNNING", "DEPLOYING"):
-        state = "not deployed" if status is None else str(status.status.value)
+    from cropi.distributed.rollout_serve import app_status
+
+    state = app_status(app)
+    if state not in ("RUNNING", "DEPLOYING"):
+        state = state or "not deployed"
         raise InputError(f"ray.rollout_app: no running Serve app named {app} on the Ray cluster at "
                          f"{address or 'local'} ({state}); deploy it (the chart's RayService does) or "
                          f"unset ray.rollout_app and {ENV_APP} to let the job start its own")

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cropi.distributed.weight_sync import publish_weights
 from cropi.rl.batch import (
     TokenBatch,
     collate,
@@ -38,7 +39,6 @@ from cropi.rl.batch import (
 from cropi.rl.grpo import group_advantages, grpo_loss
 from cropi.rl.trainer import batch_stats
 from cropi.rollout.base import Trajectory
-from cropi.runtime.hf_store import put_hf_folder
 from cropi.runtime.store import ObjectStore
 from cropi.spec import RLSpec
 
@@ -282,14 +282,11 @@ class ZeroGRPOTrainer:
             out.update({n: b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers() if n in persistent})
         return out if keep else None
 
-    def export_hf(self, store: ObjectStore, prefix: str, tokenizer: PreTrainedTokenizerBase) -> None:
-        """A consolidated HF folder (config, safetensors, tokenizer) under `prefix`, as `put_checkpoint` lays it out.
-
-        Collective; rank 0 writes. Returns on every rank once the folder is stored.
+    def export_hf(self, store: ObjectStore, prefix: str, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """A consolidated HF folder (config, safetensors, tokenizer if given) under `prefix`, as
+        `put_checkpoint` lays it out. Collective; rank 0 writes. Returns on every rank once it is stored.
         """
-        state = self.full_state_dict()
-        if self.rank == 0:
-            put_hf_folder(store, prefix, self.model, tokenizer, state)
+        publish_weights(self.engine, store, prefix, tokenizer)
         dist.barrier()
 
     # ----------------------------------------------------------- checkpoints

@@ -173,18 +173,18 @@ class TaskBus:
         if task.attempt >= self.max_attempts:
             self._dead_letter(task.kind, task.entry_id, task.task_id, task.payload, error)
             return
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xadd(self.stream(task.kind), {"task_id": task.task_id, "payload": json.dumps(task.payload, sort_keys=True)})
-        pipe.xack(self.stream(task.kind), GROUP, task.entry_id)
-        pipe.execute()
+        self._requeue(task).execute()
 
     def defer(self, task: Task) -> None:
         """Not yet (e.g. a shared service is busy): back to the end of the stream, the attempt not spent."""
+        self._requeue(task).hincrby(self._attempts(task.kind), task.task_id, -1).execute()
+
+    def _requeue(self, task: Task) -> redis.client.Pipeline:
+        """A transaction that moves the task to a fresh entry at the end of its stream (not yet executed)."""
         pipe = self.r.pipeline(transaction=True)
         pipe.xadd(self.stream(task.kind), {"task_id": task.task_id, "payload": json.dumps(task.payload, sort_keys=True)})
         pipe.xack(self.stream(task.kind), GROUP, task.entry_id)
-        pipe.hincrby(self._attempts(task.kind), task.task_id, -1)
-        pipe.execute()
+        return pipe
 
     def _dead_letter(self, kind: str, entry_id: str, task_id: str, payload: dict, error: str) -> None:
         pipe = self.r.pipeline(transaction=True)

@@ -89,6 +89,7 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
                     stop.wait(tick_s)
             except Exception:  # Redis restarting, store unreachable: log, wait, go on
                 log.exception("controller tick failed; retrying")
+                controller.resync()
                 stop.wait(1.0)
 
     @asynccontextmanager
