@@ -138,6 +138,16 @@ def _deploy_chart_rollout_app(head: RayHead, values: dict) -> tuple[str, dict[st
     return app["name"], env
 
 
+def _why_not_done(cluster: LocalCluster, store: Path, statuses: list[dict]) -> str:
+    """What a job that did not finish went through (its archived events), and the workers' logs."""
+    lines = [str(statuses)]
+    for status in statuses:
+        if status.get("phase") != "done" and (store / "jobs" / status["name"] / "events.jsonl").is_file():
+            lines += [f"{e['kind']}: {e['message']}" for e in _archived_events(store, status["name"])
+                      if e["kind"] in ("task_failed", "failed")]
+    return "\n".join(lines + [f"--- {n}\n{cluster.log(n)}" for n in ("rollout", "projector", "trainer")])
+
+
 def _archived_events(store: Path, job: str) -> list[dict]:
     return [json.loads(line) for line in (store / "jobs" / job / "events.jsonl").read_text().splitlines()]
 
@@ -166,7 +176,8 @@ def test_two_jobs_take_turns_on_the_charts_standing_rollout_app_and_match_the_in
     finally:
         cluster.stop_all()
 
-    assert [(s["phase"], s["step"]) for s in statuses] == [("done", 6), ("done", 6)], statuses
+    assert [(s["phase"], s["step"]) for s in statuses] == [("done", 6), ("done", 6)], _why_not_done(
+        cluster, tmp_path / "store", statuses)
     want = stored_selections(embedded_reference / "store", JOB["name"])
     for name in jobs:  # the second job sampled from the base weights again, not the first one's
         assert stored_selections(tmp_path / "store", name) == want
