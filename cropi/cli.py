@@ -64,14 +64,18 @@ def run(
         )
     console.print(table)
     if len(result.stages) > 1 or spec.curriculum.selector != "full":
+        from cropi.inspection import histogram_line, inspect_run
+
+        chosen = {r["stage"]: histogram_line(r) for r in inspect_run(run_dir)["stages"]}
         stages = Table(title=f"stages ({spec.curriculum.selector}): targeted greedy / sampled accuracy")
-        for col in ("stage", "eligible", "selected", "before", "after", "note"):
-            stages.add_column(col, justify="left" if col == "note" else "right")
+        for col in ("stage", "eligible", "selected", "before", "after", "selected / eligible", "note"):
+            stages.add_column(col, justify="right" if col in ("stage", "eligible", "selected") else "left")
         for st in result.stages:
             stages.add_row(str(st["stage"]), str(st["eligible"]), str(st["selected"]),
                            _targeted(st["before"], result.targeted), _targeted(st["after"], result.targeted),
-                           st["note"])
+                           chosen.get(st["stage"], "-"), st["note"])
         console.print(stages)
+        console.print(f"what each stage chose: cropi inspect {run_dir}")
     console.print(
         f"{result.steps} steps in {result.wallclock_s / 60:.1f} min; run folder: {result.run_dir} "
         "(spec.yaml, metrics.jsonl, checkpoint/, tb/, curves.png)"
@@ -82,6 +86,49 @@ def _targeted(results: dict[str, dict[str, float]], targeted: list[str]) -> str:
     from cropi.evaluation import targeted_mean
 
     return f"{targeted_mean(results, targeted):.3f} / {targeted_mean(results, targeted, 'sampled_accuracy'):.3f}"
+
+
+@app.command()
+def inspect(
+    run_dir: Path = typer.Argument(..., help="a run folder written by `cropi run`"),
+    stage: int | None = typer.Option(None, "--stage", help="only this stage (default: every stage)"),
+    top: int = typer.Option(10, "--top", min=0, help="chosen prompts listed per stage"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (every chosen prompt)"),
+) -> None:
+    """What each stage selected: prompts, pass rates, scores, metadata histograms, overlap between stages."""
+    from cropi.inspection import inspect_run
+
+    report = inspect_run(run_dir, stage)
+    if as_json:
+        print(json.dumps(report))
+        return
+    console.print(f"[bold]{report['job']}[/]: selector {report['selector']}, pool {report['pool']} prompts")
+    for st in report["stages"]:
+        overlap = st.get("overlap_with_previous")
+        console.rule(f"stage {st['stage']}: {st['selected']} selected of {st['eligible']} eligible"
+                     + (f"; {overlap['shared']} shared with stage {st['stage'] - 1} (Jaccard {overlap['jaccard']:.2f})"
+                        if overlap else ""))
+        if st["note"]:
+            console.print(st["note"])
+        for key, hist in st["histograms"].items():
+            table = Table(title=f"{key}: selected vs eligible")
+            for col in (key, "selected", "eligible", "share of selection"):
+                table.add_column(col, justify="left" if col == key else "right")
+            for value, c in sorted(hist.items(), key=lambda kv: -kv[1]["selected"]):
+                share = c["selected"] / st["selected"] if st["selected"] else 0.0
+                table.add_row(value, str(c["selected"]), str(c["eligible"]), f"{share:.0%}")
+            console.print(table)
+        if top:
+            table = Table(title=f"first {min(top, len(st['prompts']))} chosen prompts (selector order)")
+            for col in ("id", "prompt", "pass rate", "score", "meta"):
+                table.add_column(col, justify="right" if col in ("pass rate", "score") else "left")
+            for p in st["prompts"][:top]:
+                table.add_row(p["id"], Text(p["text"]), _fmt_opt(p["pass_rate"]), _fmt_opt(p["score"]), p["meta"])
+            console.print(table)
+
+
+def _fmt_opt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command()
@@ -284,18 +331,37 @@ def serve(
         worker.close()
 
 
+@bench_app.command("testbed")
+def bench_testbed(
+    job: Path = typer.Option(Path("examples/arith.yaml"), "--job", help="job spec whose model/data/rl settings are used"),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="number of seeds (0..N-1)"),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="GRPO steps per arm (default: full's budget "
+                                                                  "in `cropi bench acceleration`)"),
+    out: Path = typer.Option(Path("bench-out/testbed"), "--out", help="folder for the runs and testbed.json"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Selector-free check that the testbed behaves like real RLVR (greedy rises, latent capability, ...)."""
+    from cropi.bench.testbed import print_verdict, run_testbed_bench
+
+    report = run_testbed_bench(job, seeds, out, err_console if as_json else console, steps)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        print_verdict(report, console)
+
+
 @bench_app.command("acceleration")
 def bench_acceleration(
     job: Path = typer.Option(Path("examples/arith.yaml"), "--job", help="job spec whose model/data/rl settings are used"),
-    seeds: int | None = typer.Option(None, "--seeds", min=1, help="seeds 0..N-1 (default 3; 1 with --quick)"),
-    quick: bool = typer.Option(False, "--quick", help="smoke-sized run: 1 seed, smaller pool and schedule"),
+    seeds: int | None = typer.Option(None, "--seeds", min=2, help="paired seeds 0..N-1 (default 5; 2 with --quick)"),
+    quick: bool = typer.Option(False, "--quick", help="smoke-sized run (<= 10 min): 2 seeds, small pool and schedule"),
     selector: list[str] | None = typer.Option(None, "--selector", help="run only these selectors (repeat; full is required)"),
-    metric: str = typer.Option("sampled_accuracy", "--metric",
-                               help="sampled_accuracy (avg@k at the rollout temperature) or accuracy (greedy)"),
+    metric: str = typer.Option("accuracy", "--metric",
+                               help="accuracy (greedy) or sampled_accuracy (avg@k at the rollout temperature)"),
     out: Path = typer.Option(Path("bench-out/acceleration"), "--out", help="folder for the runs, acceleration.json/png"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Steps and wall-clock each selector needs to reach full-dataset GRPO's final targeted accuracy."""
+    """Steps and wall-clock each selector needs to reach full-dataset GRPO's targeted accuracy (DESIGN §9)."""
     from cropi.bench.acceleration import run_acceleration_bench
 
     if metric not in ("sampled_accuracy", "accuracy"):

@@ -1,9 +1,11 @@
 """Evaluation on named prompt sets.
 
-Two numbers per set: `accuracy` — greedy decoding, the headline metric — and
-`sampled_accuracy` — the mean reward of `samples` responses per prompt at
-the rollout temperature (avg@k, as RLVR papers report). RL first sharpens
-the sampling distribution, so the second moves before the first does.
+Per set: `accuracy` — greedy decoding, the headline metric — and, with
+`samples` > 0, `sampled_accuracy` — the mean reward of `samples` responses
+per prompt at the rollout temperature (avg@k, as RLVR papers report) — and
+`pass_at_k` — the share of prompts with at least one right answer among
+them (pass@k, k = `samples`): the latent capability RL can sharpen into
+greedy accuracy.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def evaluate(
         results[name] = {"accuracy": sum(hits) / max(1, len(hits))}
         if samples > 0:
             groups = engine.generate(texts, samples, sampled)
-            mean = [sum(reward(p, t.text) for t in g) / samples for p, g in zip(prompts, groups)]
-            results[name]["sampled_accuracy"] = sum(mean) / max(1, len(mean))
+            per_prompt = [[reward(p, t.text) for t in g] for p, g in zip(prompts, groups)]
+            n = max(1, len(per_prompt))
+            results[name]["sampled_accuracy"] = sum(sum(r) / samples for r in per_prompt) / n
+            results[name]["pass_at_k"] = sum(max(r) > 0 for r in per_prompt) / n
     return results

@@ -100,7 +100,10 @@ class RLSpec(_Section):
     micro_batch: int = Field(256, gt=0, description="sequences per forward/backward (gradient accumulation)")
 
 
-Selector = Literal["cropi", "full", "random", "learnability", "pass_rate", "influence_once"]
+Selector = Literal[
+    "cropi", "full", "random", "learnability", "pass_rate", "influence_once",
+    "learnability_once", "pass_rate_once", "dynamic",
+]
 
 
 class CurriculumSpec(_Section):
@@ -110,6 +113,9 @@ class CurriculumSpec(_Section):
     select_ratio: float = Field(0.1, gt=0, le=1)
     reset_optimizer: bool = False
     target_accuracy: float | None = Field(None, gt=0, le=1, description="stop early once the mean targeted accuracy reaches this")
+    dynamic_max_draws: int = Field(
+        4, gt=0, description="selector dynamic: at most this many prompt batches sampled per step to fill the "
+                             "batch with groups of mixed rewards (verl's max_num_gen_batches)")
 
 
 class InfluenceSpec(_Section):
@@ -120,7 +126,16 @@ class InfluenceSpec(_Section):
     # Re-measure on large models, where subsampling variance is smaller.
     sparse_ratio: float = Field(1.0, gt=0, le=1)
     seed: int = 0
-    max_valid_prompts: int = Field(100, gt=0)
+    max_valid_prompts: int = Field(100, gt=0, description="target prompts per validation set (eligible ones only)")
+    logprob_temperature: float | None = Field(
+        None, gt=0, description="temperature of the POPI log-probs: null (or 'sampling') scores responses at the "
+                                "temperature they were sampled at, so rho = 1 at the base policy; 1.0 recomputes "
+                                "both policies at T = 1, as the reference code does")
+
+    @field_validator("logprob_temperature", mode="before")
+    @classmethod
+    def _sampling_keyword(cls, v: Any) -> Any:
+        return None if v == "sampling" else v
 
 
 class EvalSpec(_Section):

@@ -2,6 +2,7 @@
 shared offline work charged to each selector, and the paper's arithmetic."""
 
 import json
+import shutil
 
 import pytest
 from rich.console import Console
@@ -18,7 +19,7 @@ from cropi.spec import load_spec, parse_spec
 
 from .conftest import TEST_MODEL, run_cli
 
-TINY = Schedule(seeds=1, stages=2, steps_per_stage=2, eval_every=2)
+TINY = Schedule(seeds=2, stages=2, steps_per_stage=2, full_steps=6, eval_every=2)
 
 
 def write_job(path):
@@ -55,30 +56,43 @@ def bench(tmp_path_factory, tiny_model):
     mp.undo()
 
 
-def test_report_has_the_issue_fields_for_every_selector(bench):
+def test_report_has_the_protocol_fields_for_every_selector(bench):
     out, report = bench
     saved = json.loads((out / "acceleration.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert (out / "acceleration.png").stat().st_size > 10_000
     assert set(saved["selectors"]) == set(SELECTORS)
-    for entry in saved["selectors"].values():
-        for field in ("steps_to_target", "step_acceleration", "wallclock_acceleration", "final_targeted",
+    assert set(saved["levels"]) == {"50%", "75%", "90%"}
+    for name, entry in saved["selectors"].items():
+        for field in ("paper", "neutral", "gain_area", "area_ratio", "area_ratio_interval90", "final_targeted",
                       "final_untargeted", "curves"):
             assert field in entry
-        assert entry["curves"]["steps"] == [0, 2, 4]
+        assert set(entry["neutral"]) == {"50%", "75%", "90%"}
+        # full runs its longer budget; every other selector the stage schedule.
+        assert entry["curves"]["steps"] == ([0, 2, 4, 6] if name == "full" else [0, 2, 4])
+    assert set(saved["cropi_minus"]) == set(SELECTORS) - {"cropi"}
+    for d in saved["cropi_minus"].values():
+        assert d["verdict"] in ("tie", "cropi ahead", "cropi behind")
 
 
-def test_target_is_full_final_accuracy_and_full_accelerates_itself_by_one(bench):
-    _, report = bench
-    full = report["selectors"]["full"]
-    assert report["target"] == pytest.approx(full["final_targeted"]["mean"])
-    # full's curve reaches its own final value at the last step at the latest.
-    assert full["steps_to_target"] <= 4
-    if full["steps_to_target"] > 0:
-        assert full["step_acceleration"] == 1.0
-        assert full["wallclock_acceleration"] == pytest.approx(1.0)
-    else:  # on target before training: nothing to accelerate, reported as None
-        assert full["step_acceleration"] is None
+def test_finished_runs_are_read_back_from_their_records_not_rerun(bench, monkeypatch, tmp_path):
+    out, report = bench
+    # Only the small records travel (e.g. to the next session); the run folders stay behind.
+    shutil.copytree(out / "records", tmp_path / "records")
+    shutil.copy(out / "job.yaml", tmp_path / "job.yaml")
+    monkeypatch.setattr("cropi.bench.acceleration.run_job", lambda *a, **k: pytest.fail("reran a finished run"))
+    again = run_acceleration_bench(tmp_path / "job.yaml", tmp_path, Console(quiet=True), schedule=TINY)
+    assert again["selectors"] == report["selectors"]
+
+
+def test_a_record_of_another_schedule_is_not_reused(bench, tmp_path):
+    out, _ = bench
+    shutil.copytree(out / "records", tmp_path / "records")
+    shutil.copy(out / "job.yaml", tmp_path / "job.yaml")
+    other = Schedule(seeds=2, stages=1, steps_per_stage=2, full_steps=6, eval_every=2)
+    report = run_acceleration_bench(tmp_path / "job.yaml", tmp_path, Console(quiet=True), schedule=other,
+                                    selectors=["random", "full"])
+    assert report["selectors"]["random"]["curves"]["steps"] == [0, 2]
 
 
 def test_shared_offline_work_is_identical_and_charged_to_each_selector(bench):
@@ -135,34 +149,58 @@ def test_wallclock_counts_offline_selection_and_steps_but_not_evaluation(tmp_pat
 
 
 def curve(values, wall=None):
-    steps = [0, 10, 20, 30, 40]
-    return {"steps": steps, "targeted": values, "untargeted": [0.5] * 5,
-            "wallclock_s": wall or [0, 10, 20, 30, 40], "offline_s": 0.0, "selection_s": [0.0]}
+    steps = [0, 10, 20, 30, 40][: len(values)]
+    return {"steps": steps, "targeted": values, "untargeted": [0.5] * len(values),
+            "wallclock_s": wall or steps, "offline_s": 0.0, "selection_s": [0.0]}
 
 
-def test_summary_follows_the_paper_definition():
+def test_summary_by_hand():
     per_seed = {
+        # full runs 40 steps; seed mean 0.1, 0.2, 0.3, 0.365, 0.40: final gain 0.3 over the base 0.1.
         "full": [curve([0.1, 0.2, 0.3, 0.35, 0.40]), curve([0.1, 0.2, 0.3, 0.38, 0.40])],
-        # reaches 0.40 (the target) on the seed mean at step 20; its wall-clock per step is doubled
-        "cropi": [curve([0.1, 0.3, 0.41, 0.4, 0.45], [0, 20, 40, 60, 80]),
-                  curve([0.1, 0.3, 0.39, 0.4, 0.45], [0, 20, 40, 60, 80])],
-        "random": [curve([0.1, 0.1, 0.2, 0.2, 0.3])] * 2,
+        # the selectors run 20 steps; cropi's seed mean is 0.1, 0.3, 0.4 and its wall-clock per step doubled.
+        "cropi": [curve([0.1, 0.3, 0.41], [0, 20, 40]), curve([0.1, 0.3, 0.39], [0, 20, 40])],
+        "random": [curve([0.1, 0.1, 0.2])] * 2,
     }
-    report = summarize(per_seed, "sampled_accuracy")
-    assert report["target"] == pytest.approx(0.40)
+    report = summarize(per_seed, "accuracy", budget=20)
+    assert report["base"] == pytest.approx(0.1) and report["full_final"] == pytest.approx(0.4)
+    assert report["levels"]["75%"] == pytest.approx(0.325)
     s = report["selectors"]
-    assert s["full"]["steps_to_target"] == 40
-    assert s["cropi"]["steps_to_target"] == 20
-    assert s["cropi"]["step_acceleration"] == 2.0
-    assert s["cropi"]["wallclock_acceleration"] == pytest.approx(40 / 40)
-    assert s["random"]["steps_to_target"] is None and s["random"]["step_acceleration"] is None
-    assert s["cropi"]["final_targeted"]["mean"] == pytest.approx(0.45)
+    # Paper: cropi's final level 0.40; full gets there at 40, cropi at 20.
+    assert s["cropi"]["paper"]["target"] == pytest.approx(0.40)
+    assert s["cropi"]["paper"]["full_steps"] == pytest.approx(40)
+    assert s["cropi"]["paper"]["acceleration"] == pytest.approx(2.0)
+    # Neutral 75 % (0.325): full at 20 + 10 * 0.025 / 0.065; cropi at 10 + 10 * 0.025 / 0.1 = 12.5.
+    n75 = s["cropi"]["neutral"]["75%"]
+    assert n75["steps"] == pytest.approx(12.5)
+    assert n75["acceleration"] == pytest.approx((20 + 10 * 0.025 / 0.065) / 12.5)
+    assert n75["wallclock_acceleration"] == pytest.approx((20 + 10 * 0.025 / 0.065) / 25)
+    assert s["random"]["neutral"]["75%"]["steps"] is None and s["random"]["neutral"]["75%"]["acceleration"] is None
+    # Gain areas over 20 steps: full (0 + 0.1) / 2 + (0.1 + 0.2) / 2 = 0.2 -> /2 = 0.1; cropi 0.2 + 0.5 = 0.35/2 = 0.175.
+    assert s["full"]["gain_area"] == pytest.approx(0.1)
+    assert s["cropi"]["gain_area"] == pytest.approx(0.175)
+    assert s["cropi"]["area_ratio"] == pytest.approx(1.75)
+    assert report["cropi_minus"]["random"]["gain_area_difference"] == pytest.approx(0.175 - 0.025)
+    # random is worse than cropi on both seeds, by a spread-out amount: the interval lies above 0.
+    assert report["cropi_minus"]["random"]["interval90"][0] > 0
+    assert report["cropi_minus"]["random"]["verdict"] == "cropi ahead"
+    assert s["cropi"]["final_targeted"]["mean"] == pytest.approx(0.40)
+
+
+def test_a_difference_inside_the_noise_is_a_tie():
+    per_seed = {
+        "full": [curve([0.1, 0.2, 0.3]), curve([0.1, 0.2, 0.3])],
+        "cropi": [curve([0.1, 0.3, 0.3]), curve([0.1, 0.1, 0.2])],
+        "random": [curve([0.1, 0.1, 0.2]), curve([0.1, 0.3, 0.3])],
+    }
+    assert summarize(per_seed, "accuracy", budget=20)["cropi_minus"]["random"]["verdict"] == "tie"
 
 
 @pytest.mark.parametrize("args, message", [
     (["--selector", "bogus"], "unknown bogus"),
     (["--selector", "cropi"], "'full' must be included"),
     (["--metric", "loss"], "--metric"),
+    (["--seeds", "1"], "--seeds"),
 ])
 def test_bad_bench_options_exit_2_naming_the_option(args, message, tmp_path):
     job = write_job(tmp_path / "job.yaml")

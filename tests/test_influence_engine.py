@@ -54,3 +54,43 @@ def test_scores_are_stored_per_part_and_resumed_without_recomputation(spec, tiny
                         lambda *a, **k: pytest.fail("recomputed a stored part"))
     second = again.score_stage(0)
     assert np.array_equal(second.scores["add1"], s)
+
+
+def _groups(rewards_by_id):
+    from cropi.influence.offline import OfflineGroup
+
+    return [OfflineGroup(prompt_id=i, prompt_ids=[1], response_ids=[[2], [3]], logprobs=[[0.0], [0.0]],
+                         rewards=r, temperature=0.5) for i, r in rewards_by_id.items()]
+
+
+def test_validation_targets_are_a_seeded_choice_among_eligible_prompts_only(spec, tmp_path):
+    spec.influence.max_valid_prompts = 3
+    engine = InfluenceEngine(spec, LocalStore(tmp_path))
+    valid = {f"v{i}": ([0.0, 1.0] if i % 2 else [1.0, 1.0]) for i in range(12)}  # odd ids are eligible
+    engine.offline = {"pool": _groups({"p0": [0.0, 1.0]}), "valid-add1": _groups(valid)}
+    sets = dict(engine._stage_groups())
+    chosen = [g.prompt_id for g in sets["valid-add1"]]
+    assert len(chosen) == 3 and all(g.eligible for g in sets["valid-add1"])
+    assert chosen == [g.prompt_id for g in dict(engine._stage_groups())["valid-add1"]]  # seeded
+    other_seed = InfluenceEngine(spec.model_copy(update={"influence": spec.influence.model_copy(update={"seed": 1})}),
+                                 engine.store)
+    other_seed.offline = engine.offline
+    assert [g.prompt_id for g in dict(other_seed._stage_groups())["valid-add1"]] != chosen
+    # Fewer eligible prompts than the cap: all of them, and never an ineligible one.
+    spec.influence.max_valid_prompts = 100
+    assert sorted(g.prompt_id for g in dict(engine._stage_groups())["valid-add1"]) == sorted(
+        i for i, r in valid.items() if r == [0.0, 1.0])
+
+
+def test_logprobs_at_another_temperature_need_the_base_model_after_stage_zero(spec, tmp_path):
+    engine = InfluenceEngine(spec, LocalStore(tmp_path))
+    assert not engine.needs_behaviour_model(1)  # default: sampling temperature, stored log-probs
+    spec.influence.logprob_temperature = 1.0  # offline temperature is 1.0 in this spec
+    assert not engine.needs_behaviour_model(1)
+    spec.offline.temperature = 0.5
+    assert not engine.needs_behaviour_model(0) and engine.needs_behaviour_model(1)
+
+
+def test_logprob_temperature_accepts_the_sampling_keyword():
+    assert parse_spec({"influence": {"logprob_temperature": "sampling"}}).influence.logprob_temperature is None
+    assert parse_spec({"influence": {"logprob_temperature": 1.0}}).influence.logprob_temperature == 1.0

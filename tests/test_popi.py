@@ -120,3 +120,39 @@ def test_offline_parts_are_resumable_and_deterministic(tiny_model, tmp_path):
     groups = load_offline(a, "j", "pool")
     assert [g.prompt_id for g in groups] == [p.id for p in prompts]
     assert all(len(g.response_ids) == 4 and len(g.rewards) == 4 for g in groups)
+
+
+def test_at_temperature_one_both_policies_are_rescored_at_t1(tiny_model, offline_groups):
+    # influence.logprob_temperature: 1.0 (the reference code): rho = pi_theta / pi_beta, both at T = 1,
+    # with pi_beta the base model, not the stored (tempered) behaviour log-probs.
+    model, tok = tiny_model
+    group = mixed(offline_groups)[0]
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = group_batch(group, tok.pad_token_id)
+    mask = batch.response_mask
+    rho = torch.exp(token_logprobs(response_logits(moved, batch, 1.0), batch.response_ids)
+                    - token_logprobs(response_logits(model, batch, 1.0), batch.response_ids))
+    expected = -(((rho * mask).sum(-1) / mask.sum(-1)) * group_advantages(torch.tensor([group.rewards]))[0]).mean()
+    got = popi_loss(moved, group, tok.pad_token_id, temperature=1.0, behaviour=model)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() != pytest.approx(popi_loss(moved, group, tok.pad_token_id).item(), rel=1e-3)
+
+
+def test_at_temperature_one_and_the_base_policy_rho_is_one_and_the_gradient_is_on_policy_at_t1(
+        tiny_model, offline_groups):
+    model, tok = tiny_model
+    group = mixed(offline_groups)[0]
+    params = list(model.parameters())
+    g_t1 = torch.autograd.grad(popi_loss(model, group, tok.pad_token_id, temperature=1.0), params)
+    batch = group_batch(group, tok.pad_token_id)
+    logp = token_logprobs(response_logits(model, batch, 1.0), batch.response_ids)
+    adv = group_advantages(torch.tensor([group.rewards]))[0]
+    on_policy = -(((logp * batch.response_mask).sum(-1) / batch.response_mask.sum(-1)) * adv).mean()
+    g_ref = torch.autograd.grad(on_policy, params)
+    for a, b in zip(g_t1, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    g_sampling = torch.autograd.grad(popi_loss(model, group, tok.pad_token_id), params)
+    assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(g_t1, g_sampling))

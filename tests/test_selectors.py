@@ -69,3 +69,11 @@ def test_cropi_never_picks_ineligible_prompts_and_reports_shortfall():
 def test_influence_selectors_need_scores():
     with pytest.raises(ValueError, match="needs influence scores"):
         SELECTORS["cropi"](ctx(scores=None))
+
+
+def test_once_selectors_make_their_base_selectors_stage_zero_choice():
+    from cropi.curriculum.selectors import KEEP_FIRST, selector_function
+
+    for once, base in KEEP_FIRST.items():
+        assert selector_function(once) is SELECTORS[base]
+    assert selector_function("dynamic")(ctx()).prompt_ids == IDS  # the whole pool: it filters per step instead

@@ -1,21 +1,34 @@
 """`cropi bench acceleration`: how many fewer steps (and seconds) does each
-selector need to reach the targeted accuracy that full-dataset GRPO ends at?
+selector need to reach the targeted accuracy of full-dataset GRPO?
 
-Every selector runs the same job with the same seeds, stage schedule and
-step budget; only `curriculum.selector` differs. The arithmetic (the
-paper's definition) is in `acceleration_math.py`.
+The protocol (DESIGN §9, the paper's plus the statistics it lacks):
+- every selector runs the same paired seeds (same pool, sets and rollout
+  seeds), stage schedule and step budget; only `curriculum.selector`
+  differs. `full` runs `full_steps` (>= 2.5x the selectors' budget), so the
+  levels it is compared at are ones it actually reaches;
+- evaluation every `eval_every` steps; steps to a target are interpolated
+  on the seed-mean curve (`acceleration_math.py`);
+- two definitions: the paper's (target = the selector's own final level;
+  acceleration = full's steps / the selector's steps to reach it) and a
+  neutral one fixed in advance (levels at 50/75/90 % of full's final gain,
+  and the ratio of the gain areas over the selectors' budget);
+- paired-seed bootstrap 90 % intervals for every acceleration and for
+  CROPI minus each baseline (gain area).
 
 Wall-clock counts what a selector costs to train, not what it costs to
 measure: offline rollouts (for selectors that need pass rates or influence),
 each stage's selection (influence scoring included) and every GRPO step's
-rollout + update. Evaluation and checkpointing are excluded: every selector
-does the same amount of them.
+rollout + update (for `dynamic`: every batch it sampled). Evaluation and
+checkpointing are excluded: every selector does the same amount of them.
 
 Shared work is computed once per seed and copied, not recomputed: the
 offline trajectories (identical for every selector that needs them) and
 stage 0's influence selection (identical for `cropi` and `influence_once`,
 which start from the same policy). The copy carries the measured cost, so
 each selector is still charged for it.
+
+Each run keeps its folder: a finished run is read back, an interrupted one
+resumes where it stopped, so the bench can span sessions.
 """
 
 from __future__ import annotations
@@ -23,14 +36,24 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from cropi.bench.acceleration_math import acceleration, mean_curve, steps_to_target
+from cropi.bench.acceleration_math import (
+    acceleration,
+    gain_area,
+    gain_level,
+    mean_curve,
+    paired_bootstrap,
+    steps_to_target,
+    value_at,
+)
 from cropi.curriculum.runner import run_job
+from cropi.curriculum.selectors import NEEDS_PASS_RATES
 from cropi.errors import InputError
 from cropi.evaluation import targeted_mean
 from cropi.runtime.store import LocalStore
@@ -39,8 +62,11 @@ from cropi.tracking import read_metrics
 
 # Run order within a seed: cropi first, so that influence_once and the
 # pass-rate heuristics find the offline trajectories (and stage 0's scores) stored.
-SELECTORS = ("cropi", "influence_once", "learnability", "pass_rate", "random", "full")
-NEEDS_OFFLINE = {"cropi", "influence_once", "learnability", "pass_rate"}
+SELECTORS = ("cropi", "influence_once", "learnability", "learnability_once", "pass_rate", "pass_rate_once",
+             "dynamic", "random", "full")
+NEEDS_OFFLINE = {"cropi", "influence_once"} | NEEDS_PASS_RATES
+LEVELS = (0.5, 0.75, 0.9)  # neutral targets: fractions of full's final gain
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclass(frozen=True)
@@ -48,19 +74,23 @@ class Schedule:
     seeds: int
     stages: int
     steps_per_stage: int
+    full_steps: int
     eval_every: int
     pool_size: int | None = None  # None: the job's own
     eval_size: int | None = None
 
     @property
     def steps(self) -> int:
+        """The selectors' budget (full runs `full_steps`)."""
         return self.stages * self.steps_per_stage
 
 
-FULL = Schedule(seeds=3, stages=4, steps_per_stage=25, eval_every=10)
-# A smoke-sized run of the same pipeline (one seed, smaller pool and sets);
-# its numbers are noisy and not the benchmark's result.
-QUICK = Schedule(seeds=1, stages=2, steps_per_stage=15, eval_every=5, pool_size=1000, eval_size=100)
+# The default run: <= 120 min on 2 CPU cores (docs/performance.md). The pool
+# and the evaluation sets are cut to fit, never the seeds.
+FULL = Schedule(seeds=5, stages=4, steps_per_stage=15, full_steps=150, eval_every=5, pool_size=2000, eval_size=100)
+# A smoke-sized run of the same pipeline (<= 10 min); its numbers are noisy
+# and not the benchmark's result.
+QUICK = Schedule(seeds=2, stages=2, steps_per_stage=5, full_steps=25, eval_every=5, pool_size=400, eval_size=40)
 
 
 def bench_spec(base: JobSpec, schedule: Schedule, seed: int, selector: str) -> JobSpec:
@@ -68,16 +98,24 @@ def bench_spec(base: JobSpec, schedule: Schedule, seed: int, selector: str) -> J
     spec.name = f"{base.name}-accel"  # one name for all selectors: their store keys line up for sharing
     spec.seed = seed
     cur = spec.curriculum
-    cur.selector, cur.stages, cur.steps_per_stage, cur.target_accuracy = (
-        selector, schedule.stages, schedule.steps_per_stage, None)
+    cur.selector, cur.target_accuracy = selector, None
+    if selector == "full":
+        cur.stages, cur.steps_per_stage = 1, schedule.full_steps
+    else:
+        cur.stages, cur.steps_per_stage = schedule.stages, schedule.steps_per_stage
     spec.eval.every = schedule.eval_every
     spec.eval.samples = max(spec.eval.samples, 1)
+    apply_cuts(spec, schedule)
+    return spec
+
+
+def apply_cuts(spec: JobSpec, schedule: Schedule) -> None:
+    """Cut the pool and the evaluation sets to the schedule's sizes (in place)."""
     if schedule.pool_size:
         spec.data.pool.size = min(spec.data.pool.size or schedule.pool_size, schedule.pool_size)
     if schedule.eval_size:
         for source in [*spec.data.validation, *spec.data.untargeted]:
             source.size = min(source.size or schedule.eval_size, schedule.eval_size)
-    return spec
 
 
 def _copy_keys(src: Path, dst: Path, prefixes: list[str]) -> None:
@@ -119,11 +157,13 @@ def run_record(run_dir: Path, spec: JobSpec, metric: str) -> dict:
     untargeted = [v.name for v in spec.data.untargeted]
     evals: dict[int, dict[str, dict[str, float]]] = {}
     step_cost: dict[int, float] = {}
+    stage_of: dict[int, int] = {}
     for r in records:
         if r["kind"] == "eval":
             evals.setdefault(r["step"], {})[r["set"]] = r
         elif r["kind"] == "train":
             step_cost[r["step"]] = r["rollout_s"] + r["train_s"]
+            stage_of[r["step"]] = r.get("stage", 0)
     store = LocalStore(run_dir / "store")
     job, sps = spec.name, spec.curriculum.steps_per_stage
     offline_s = 0.0
@@ -149,56 +189,132 @@ def run_record(run_dir: Path, spec: JobSpec, metric: str) -> dict:
         "wallclock_s": wall,
         "offline_s": offline_s,
         "selection_s": select_s,
+        "stage_train_s": [sum(c for step, c in step_cost.items() if stage_of[step] == s)
+                          for s in range(spec.curriculum.stages)],
     }
 
 
-def _spread(values: list[float]) -> dict:
+def _spread(values: Sequence[float]) -> dict:
+    values = list(values)
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "per_seed": values}
 
 
-def summarize(per_seed: dict[str, list[dict]], metric: str) -> dict:
-    """The report: target, and per selector steps/wall-clock to target, accelerations, finals, curves."""
+def _interval(stat, n_seeds: int) -> list[float] | None:
+    ci = paired_bootstrap(n_seeds, stat, BOOTSTRAP_RESAMPLES, seed=0)
+    return None if ci is None else [ci[0], ci[1]]
+
+
+def _curve(runs: list[dict], which: str, seeds: Sequence[int] | None = None) -> list[tuple[float, float]]:
+    chosen = [runs[i] for i in seeds] if seeds is not None else runs
+    return mean_curve([list(zip(r["steps"], r[which])) for r in chosen])
+
+
+def _never_is_zero(full: float | None, selector: float | None) -> float | None:
+    """An acceleration for the bootstrap: a selector that never gets there is 0x, full never: inf."""
+    if selector is None or selector == 0:
+        return 0.0 if selector is None else None
+    return float("inf") if full is None else full / selector
+
+
+def summarize(per_seed: dict[str, list[dict]], metric: str, budget: int) -> dict:
+    """Every figure of the report from the per-seed run records (a pure function)."""
     if "full" not in per_seed:
-        raise InputError("the acceleration benchmark needs the 'full' selector: it defines the target")
-    full_finals = [r["targeted"][-1] for r in per_seed["full"]]
-    target = statistics.fmean(full_finals)
-    out: dict = {"metric": metric, "target": target, "selectors": {}}
-    reached: dict[str, tuple[int | None, float | None]] = {}
+        raise InputError("the acceleration benchmark needs the 'full' selector: it defines the targets")
+    n = len(per_seed["full"])
+    if any(len(runs) != n for runs in per_seed.values()):
+        raise ValueError("every selector must have run the same seeds")
+
+    def base(seeds=None) -> float:
+        return _curve(per_seed["full"], "targeted", seeds)[0][1]
+
+    def full_final(seeds=None) -> float:
+        return _curve(per_seed["full"], "targeted", seeds)[-1][1]
+
+    def level(q: float, seeds=None) -> float:
+        return gain_level(base(seeds), full_final(seeds), q)
+
+    def reach(name: str, target: float, seeds=None) -> float | None:
+        return steps_to_target(_curve(per_seed[name], "targeted", seeds), target)
+
+    def area(name: str, seeds=None) -> float:
+        return gain_area(_curve(per_seed[name], "targeted", seeds), base(seeds), budget)
+
+    def own_final(name: str, seeds=None) -> float:
+        return value_at(_curve(per_seed[name], "targeted", seeds), budget)
+
+    out: dict = {"metric": metric, "budget_steps": budget, "base": base(), "full_final": full_final(),
+                 "levels": {f"{int(q * 100)}%": level(q) for q in LEVELS}, "selectors": {}}
     for name, runs in per_seed.items():
-        targeted = mean_curve([list(zip(r["steps"], r["targeted"])) for r in runs])
-        step = steps_to_target(targeted, target)
-        wall = None
-        if step is not None:
-            i = runs[0]["steps"].index(step)
-            wall = statistics.fmean(r["wallclock_s"][i] for r in runs)
-        reached[name] = (step, wall)
-        steps = runs[0]["steps"]
-        curves = {
-            "steps": steps,
-            "targeted_mean": [v for _, v in targeted],
-            "targeted_std": [statistics.stdev(r["targeted"][i] for r in runs) if len(runs) > 1 else 0.0
-                             for i in range(len(steps))],
-            "wallclock_s_mean": [statistics.fmean(r["wallclock_s"][i] for r in runs) for i in range(len(steps))],
-        }
-        if runs[0]["untargeted"]:
-            curves["untargeted_mean"] = [v for _, v in mean_curve([list(zip(r["steps"], r["untargeted"])) for r in runs])]
-        out["selectors"][name] = {
-            "steps_to_target": step,
-            "wallclock_to_target_s": wall,
-            "final_targeted": _spread([r["targeted"][-1] for r in runs]),
-            "final_untargeted": _spread([r["untargeted"][-1] for r in runs]) if runs[0]["untargeted"] else None,
+        mean = _curve(runs, "targeted")
+        steps = [s for s, _ in mean]
+        entry: dict = {
+            "final_targeted": _spread(value_at(list(zip(r["steps"], r["targeted"])), budget) for r in runs),
+            "final_untargeted": (_spread(value_at(list(zip(r["steps"], r["untargeted"])), budget) for r in runs)
+                                 if runs[0]["untargeted"] else None),
+            "curves": {
+                "steps": steps,
+                "targeted_mean": [v for _, v in mean],
+                "targeted_std": [statistics.stdev(r["targeted"][i] for r in runs) if n > 1 else 0.0
+                                 for i in range(len(steps))],
+                "wallclock_s_mean": [statistics.fmean(r["wallclock_s"][i] for r in runs) for i in range(len(steps))],
+            },
             "offline_s": statistics.fmean(r["offline_s"] for r in runs),
             "selection_s": statistics.fmean(sum(r["selection_s"]) for r in runs),
             "train_wallclock_s": statistics.fmean(r["wallclock_s"][-1] for r in runs),
-            "curves": curves,
         }
-    full_step, full_wall = reached["full"]
-    for name, (step, wall) in reached.items():
-        entry = out["selectors"][name]
-        entry["step_acceleration"] = acceleration(full_step, step)
-        entry["wallclock_acceleration"] = (full_wall / wall) if (full_wall and wall) else None
+        if runs[0]["untargeted"]:
+            entry["curves"]["untargeted_mean"] = [v for _, v in _curve(runs, "untargeted")]
+        train_s = [t for r in runs for t in r.get("stage_train_s", []) if t > 0]
+        if name != "full" and train_s:
+            # Influence (or heuristic) selection cost per stage as a share of that stage's training time.
+            sel = [s for r in runs for s, t in zip(r["selection_s"], r.get("stage_train_s", [])) if t > 0]
+            entry["selection_share_of_training"] = statistics.fmean(s / t for s, t in zip(sel, train_s))
+        # The paper's definition: the selector's own final level, full's steps to it / the selector's.
+        paper_target = own_final(name)
+        full_s, sel_s = reach("full", paper_target), reach(name, paper_target)
+        entry["paper"] = {
+            "target": paper_target, "full_steps": full_s, "steps": sel_s,
+            "acceleration": acceleration(full_s, sel_s),
+            "interval90": _interval(lambda idx, name=name: _never_is_zero(
+                reach("full", own_final(name, idx), idx), reach(name, own_final(name, idx), idx)), n),
+        }
+        entry["neutral"] = {}
+        for q in LEVELS:
+            target = level(q)
+            full_s, sel_s = reach("full", target), reach(name, target)
+            entry["neutral"][f"{int(q * 100)}%"] = {
+                "target": target, "steps": sel_s, "acceleration": acceleration(full_s, sel_s),
+                "wallclock_s": _wall_at(entry["curves"], sel_s),
+                "interval90": _interval(lambda idx, q=q, name=name: _never_is_zero(
+                    reach("full", level(q, idx), idx), reach(name, level(q, idx), idx)), n),
+            }
+        full_area = area("full")
+        entry["gain_area"] = area(name)
+        entry["area_ratio"] = entry["gain_area"] / full_area if full_area > 0 else None
+        entry["area_ratio_interval90"] = _interval(
+            lambda idx, name=name: (area(name, idx) / area("full", idx)) if area("full", idx) > 0 else None, n)
+        out["selectors"][name] = entry
+    for name, entry in out["selectors"].items():
+        for q, e in entry["neutral"].items():
+            full_wall = out["selectors"]["full"]["neutral"][q]["wallclock_s"]
+            e["wallclock_acceleration"] = (full_wall / e["wallclock_s"]) if (full_wall and e["wallclock_s"]) else None
+    if "cropi" in per_seed:
+        out["cropi_minus"] = {}
+        for name in per_seed:
+            if name == "cropi":
+                continue
+            diff = area("cropi") - area(name)
+            ci = _interval(lambda idx, name=name: area("cropi", idx) - area(name, idx), n)
+            verdict = "tie" if ci is None or ci[0] <= 0 <= ci[1] else ("cropi ahead" if ci[0] > 0 else "cropi behind")
+            out["cropi_minus"][name] = {"gain_area_difference": diff, "interval90": ci, "verdict": verdict}
     return out
+
+
+def _wall_at(curves: dict, step: float | None) -> float | None:
+    if step is None:
+        return None
+    return value_at(list(zip(curves["steps"], curves["wallclock_s_mean"])), step)
 
 
 def plot_acceleration(report: dict, path: Path) -> Path:
@@ -208,7 +324,7 @@ def plot_acceleration(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     panels = [("targeted", "step"), ("untargeted", "step"), ("targeted", "wall-clock (s)")]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for ax, (which, x_label) in zip(axes, panels):
         for name, entry in report["selectors"].items():
             c = entry["curves"]
@@ -216,54 +332,82 @@ def plot_acceleration(report: dict, path: Path) -> Path:
             if ys is None:
                 continue
             xs = c["steps"] if x_label == "step" else c["wallclock_s_mean"]
-            line, = ax.plot(xs, ys, marker=".", label=name, lw=2.2 if name == "cropi" else 1.2)
+            line, = ax.plot(xs, ys, marker=".", ms=3, label=name, lw=2.4 if name == "cropi" else 1.1,
+                            ls="--" if name == "full" else "-")
             if which == "targeted" and x_label == "step":
                 lo = [m - s for m, s in zip(ys, c["targeted_std"])]
                 hi = [m + s for m, s in zip(ys, c["targeted_std"])]
-                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
-        if which == "targeted":
-            ax.axhline(report["target"], color="black", ls="--", lw=0.8, label="target (full, final)")
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.10)
+        if which == "targeted" and x_label == "step":
+            for label, y in report["levels"].items():
+                ax.axhline(y, color="gray", ls=":", lw=0.8)
+                ax.annotate(f"{label} of full's gain", (0, y), fontsize=7, color="gray", va="bottom")
+            ax.axvline(report["budget_steps"], color="black", lw=0.6, alpha=0.5)
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{which} {report['metric']}")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"acceleration benchmark ({report['seeds']} seed(s), {report['steps']} steps; band: ±1 std over seeds)")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"acceleration benchmark ({report['seeds']} paired seeds; selectors {report['budget_steps']} steps, "
+                 f"full {report['schedule']['full_steps']}; band: ±1 std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def finished_record(out: Path, seed: int, spec: JobSpec, metric: str, console: Console) -> dict:
+    """The run record of one (seed, selector): run or resume it, or read back a kept record.
+
+    A finished run leaves a small record under `out/records/` (its curves and
+    costs, with the spec it ran); later calls read that instead of the run
+    folder, so the records alone (a few KB, easy to keep between sessions)
+    resume a bench, and run folders may be deleted once their record exists.
+    """
+    record_file = out / "records" / f"seed-{seed}" / f"{spec.curriculum.selector}.json"
+    if record_file.is_file():
+        kept = json.loads(record_file.read_text())
+        if kept.get("spec") == spec.to_yaml() and kept.get("metric") == metric:
+            console.print(f"seed {seed}: {spec.curriculum.selector} finished earlier ({record_file})")
+            return kept["record"]
+    run_dir = out / f"seed-{seed}" / spec.curriculum.selector
+    _share_from_cropi(run_dir.parent, spec)
+    run_job(spec, run_dir, console)
+    record = run_record(run_dir, spec, metric)
+    record_file.parent.mkdir(parents=True, exist_ok=True)
+    record_file.write_text(json.dumps({"spec": spec.to_yaml(), "metric": metric, "record": record}))
+    return record
+
+
 def run_acceleration_bench(job: Path, out: Path, console: Console, seeds: int | None = None,
                            quick: bool = False, selectors: list[str] | None = None,
-                           metric: str = "sampled_accuracy", schedule: Schedule | None = None) -> dict:
+                           metric: str = "accuracy", schedule: Schedule | None = None) -> dict:
     base = load_spec(job)
     if not base.data.validation:
         raise InputError(f"{job}: data.validation is empty; the benchmark measures targeted validation accuracy")
-    chosen = [s for s in SELECTORS if s in (selectors or SELECTORS)]
     unknown = sorted(set(selectors or []) - set(SELECTORS))
     if unknown:
         raise InputError(f"--selector: unknown {', '.join(unknown)} (choose from {', '.join(SELECTORS)})")
+    chosen = [s for s in SELECTORS if s in (selectors or SELECTORS)]
     if "full" not in chosen:
-        raise InputError("--selector: 'full' must be included; it defines the target")
+        raise InputError("--selector: 'full' must be included; it defines the targets")
     schedule = schedule or (QUICK if quick else FULL)
     if seeds is not None:
         schedule = Schedule(**{**schedule.__dict__, "seeds": seeds})
+    if schedule.seeds < 2:
+        raise InputError("--seeds: the paired bootstrap needs at least 2 seeds")
     per_seed: dict[str, list[dict]] = {name: [] for name in chosen}
     for seed in range(schedule.seeds):
-        seed_dir = out / f"seed-{seed}"
         for name in chosen:
             spec = bench_spec(base, schedule, seed, name)
-            console.rule(f"seed {seed}: {name} ({schedule.stages} x {schedule.steps_per_stage} steps)")
-            _share_from_cropi(seed_dir, spec)
-            run_job(spec, seed_dir / name, console)
-            per_seed[name].append(run_record(seed_dir / name, spec, metric))
+            steps = spec.total_steps
+            console.rule(f"seed {seed}: {name} ({spec.curriculum.stages} x {spec.curriculum.steps_per_stage} = {steps} steps)")
+            per_seed[name].append(finished_record(out, seed, spec, metric, console))
     report = {"job": str(job), "quick": quick, "seeds": schedule.seeds, "steps": schedule.steps,
-              "schedule": schedule.__dict__, **summarize(per_seed, metric)}
+              "schedule": schedule.__dict__, **summarize(per_seed, metric, schedule.steps)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "acceleration.json").write_text(json.dumps(report, indent=2))
     plot_acceleration(report, out / "acceleration.png")
-    _print_summary(report, console)
+    print_summary(report, console)
     return report
 
 
@@ -271,17 +415,34 @@ def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "never" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _print_summary(report: dict, console: Console) -> None:
-    table = Table(title=f"acceleration over full (target: targeted {report['metric']} {report['target']:.3f})")
-    for col in ("selector", "steps to target", "step accel.", "wall-clock accel.", "final targeted",
-                "final untargeted", "influence/offline s"):
+def _fmt_ci(ci: list[float] | None, suffix: str = "x") -> str:
+    return "-" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]{suffix}"
+
+
+def print_summary(report: dict, console: Console) -> None:
+    levels = ", ".join(f"{k} {v:.3f}" for k, v in report["levels"].items())
+    table = Table(title=f"targeted {report['metric']}: base {report['base']:.3f}, full final "
+                        f"{report['full_final']:.3f} at {report['schedule']['full_steps']} steps; levels {levels}")
+    for col in ("selector", "final", "paper accel. [90%]", "75% accel. [90%]", "90% accel. [90%]",
+                "area ratio [90%]", "wall 75%", "selection/train"):
         table.add_column(col, justify="left" if col == "selector" else "right")
     for name, e in report["selectors"].items():
-        ft, fu = e["final_targeted"], e["final_untargeted"]
+        n75, n90 = e["neutral"]["75%"], e["neutral"]["90%"]
+        share = e.get("selection_share_of_training")
         table.add_row(
-            name, _fmt(e["steps_to_target"], "d"), _fmt(e["step_acceleration"], ".2f", "x"),
-            _fmt(e["wallclock_acceleration"], ".2f", "x"), f"{ft['mean']:.3f} ± {ft['std']:.3f}",
-            "-" if fu is None else f"{fu['mean']:.3f} ± {fu['std']:.3f}",
-            f"{e['selection_s'] + e['offline_s']:.0f}",
+            name, f"{e['final_targeted']['mean']:.3f} ± {e['final_targeted']['std']:.3f}",
+            f"{_fmt(e['paper']['acceleration'], '.2f', 'x')} {_fmt_ci(e['paper']['interval90'])}",
+            f"{_fmt(n75['acceleration'], '.2f', 'x')} {_fmt_ci(n75['interval90'])}",
+            f"{_fmt(n90['acceleration'], '.2f', 'x')} {_fmt_ci(n90['interval90'])}",
+            f"{_fmt(e['area_ratio'])} {_fmt_ci(e['area_ratio_interval90'], '')}",
+            _fmt(n75["wallclock_acceleration"], ".2f", "x"),
+            "-" if share is None else f"{share:.0%}",
         )
     console.print(table)
+    if "cropi_minus" in report:
+        diffs = Table(title="cropi minus baseline: gain area (mean targeted gain over the budget), paired 90 % interval")
+        for col in ("baseline", "difference", "90% interval", "verdict"):
+            diffs.add_column(col)
+        for name, d in report["cropi_minus"].items():
+            diffs.add_row(name, f"{d['gain_area_difference']:+.4f}", _fmt_ci(d["interval90"], ""), d["verdict"])
+        console.print(diffs)

@@ -42,6 +42,13 @@ class Policy:
         self.engine = HFRolloutEngine(self.model, self.tokenizer, spec.rollout.batch_size)
         self.trainer = GRPOTrainer(self.model, ref, self.tokenizer.pad_token_id, spec.rl, spec.rollout.temperature)
 
+    def base_model(self) -> torch.nn.Module:
+        """The model the job started from (the KL reference when there is one; else loaded once)."""
+        if self.trainer.ref_model is None:
+            self.trainer.ref_model = load_policy(self.spec.model.path, self.spec.model.dtype)[0]
+            self.trainer.ref_model.eval().requires_grad_(False)
+        return self.trainer.ref_model
+
     # ----------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.trainer.optimizer.state_dict(),
@@ -56,25 +63,70 @@ class Policy:
     def evaluate(self, data: JobData, step: int, log: Log) -> dict[str, dict[str, float]]:
         return evaluate_policy(self.spec, self.engine, data, step, log)
 
-    def train_step(self, step: int, prompts: Sequence[Prompt]) -> dict[str, float]:
+    def train_step(self, step: int, draw: Draw) -> dict[str, float]:
         t0 = time.perf_counter()
-        groups, rewards = sample_groups(self.spec, self.engine, step, prompts)
+        groups, rewards, draws = sample_step(self.spec, self.engine, step, draw)
         t1 = time.perf_counter()
         stats = self.trainer.step(groups, rewards)
-        stats.update(rollout_s=t1 - t0, train_s=time.perf_counter() - t1)
+        stats.update(rollout_s=t1 - t0, train_s=time.perf_counter() - t1, draws=draws)
         return stats
 
 
-def sample_groups(spec: JobSpec, engine: RolloutEngine, step: int,
-                  prompts: Sequence[Prompt]) -> tuple[list[list[Trajectory]], list[list[float]]]:
-    """The rollouts of training step `step` and their rewards (seeded by step: any engine, same draws)."""
+Groups = list[list[Trajectory]]
+Rewards = list[list[float]]
+Draw = Callable[[int], Sequence[Prompt]]  # draw(i): the i-th prompt batch offered to a training step
+
+
+def sample_groups(spec: JobSpec, engine: RolloutEngine, step: int, prompts: Sequence[Prompt],
+                  draw_index: int = 0) -> tuple[Groups, Rewards]:
+    """Rollouts of one prompt batch of step `step` and their rewards (seeded by step: any engine, same draws)."""
     r = spec.rollout
+    parts = ("rollout", spec.seed, step) + ((draw_index,) if draw_index else ())
     sampling = SamplingParams(
         temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-        seed=stream_seed("rollout", spec.seed, step) % 2**63,
+        seed=stream_seed(*parts) % 2**63,
     )
     groups = engine.generate([p.text for p in prompts], r.n, sampling)
     return groups, [[reward(p, t.text) for t in g] for p, g in zip(prompts, groups)]
+
+
+def mixed_groups(groups: Groups, rewards: Rewards) -> tuple[Groups, Rewards]:
+    """The groups whose rewards are not all equal: the only ones with a GRPO advantage."""
+    kept = [(g, r) for g, r in zip(groups, rewards) if len(set(r)) > 1]
+    return [g for g, _ in kept], [r for _, r in kept]
+
+
+def draws_per_step(spec: JobSpec) -> int:
+    """Prompt batches a training step may sample: more than one only for dynamic sampling."""
+    return spec.curriculum.dynamic_max_draws if spec.curriculum.selector == "dynamic" else 1
+
+
+def sample_step(spec: JobSpec, engine: RolloutEngine, step: int, draw: Draw) -> tuple[Groups, Rewards, int]:
+    """The rollouts a training step trains on, and how many prompt batches it sampled.
+
+    Every selector but `dynamic` samples one batch. `dynamic` is DAPO's
+    dynamic sampling (verl's `filter_groups`): drop the groups whose rewards
+    are all equal, sample further batches until `batch_prompts` groups are
+    kept or `dynamic_max_draws` batches were sampled, train on the first
+    `batch_prompts` kept. The extra rollouts are part of the step's
+    rollout time. If no group of any batch is mixed, the last batch is
+    trained on as it is (zero advantages: only the KL and entropy terms act).
+    """
+    if spec.curriculum.selector != "dynamic":
+        return (*sample_groups(spec, engine, step, draw(0)), 1)
+    want = spec.rl.batch_prompts
+    kept_groups: Groups = []
+    kept_rewards: Rewards = []
+    for index in range(draws_per_step(spec)):
+        groups, rewards = sample_groups(spec, engine, step, draw(index), index)
+        mixed = mixed_groups(groups, rewards)
+        kept_groups += mixed[0]
+        kept_rewards += mixed[1]
+        if len(kept_groups) >= want:
+            break
+    if not kept_groups:
+        return groups, rewards, index + 1
+    return kept_groups[:want], kept_rewards[:want], index + 1
 
 
 def evaluate_policy(spec: JobSpec, engine: RolloutEngine, data: JobData, step: int,
@@ -108,9 +160,12 @@ def train_stage(policy: Policy, data: JobData, progress: Progress, selection: Se
     if not prompts:
         return
     sampler = EpochSampler(prompts, spec.rl.batch_prompts, seed=f"{spec.seed}-stage{stage}")
+    # Each step owns a fixed range of the sampler's batches, so that a resumed
+    # run draws the same ones whatever an earlier step consumed.
+    per_step = draws_per_step(spec)
     while progress.step_in_stage < cur.steps_per_stage:
         i, step = progress.step_in_stage, progress.step + 1
-        stats = policy.train_step(step, sampler.batch(i))
+        stats = policy.train_step(step, lambda d, i=i: sampler.batch(i * per_step + d))
         log("train", step, stage=stage, **stats)
         if step % spec.eval.every == 0 or i == cur.steps_per_stage - 1:
             progress.after = policy.evaluate(data, step, log)

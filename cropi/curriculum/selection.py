@@ -14,10 +14,12 @@ import time
 import numpy as np
 
 from cropi.curriculum.selectors import (
+    KEEP_FIRST,
     NEEDS_INFLUENCE,
-    SELECTORS,
+    NEEDS_PASS_RATES,
     Selection,
     SelectionContext,
+    selector_function,
 )
 from cropi.data.sources import JobData
 from cropi.influence.engine import POOL, InfluenceEngine, Progress
@@ -26,13 +28,17 @@ from cropi.spec import JobSpec
 
 
 def needs_offline(spec: JobSpec) -> bool:
-    return spec.curriculum.selector not in ("full", "random")
+    return spec.curriculum.selector in NEEDS_INFLUENCE | NEEDS_PASS_RATES
+
+
+def keeps_first_choice(spec: JobSpec, stage: int) -> bool:
+    """Does stage `stage` reuse stage 0's choice? (the `_once` selectors)"""
+    return spec.curriculum.selector in KEEP_FIRST and stage > 0
 
 
 def needs_projection(spec: JobSpec, stage: int) -> bool:
     """Does stage `stage` need fresh influence gradients? (influence_once keeps stage 0's choice)"""
-    selector = spec.curriculum.selector
-    return selector in NEEDS_INFLUENCE and not (selector == "influence_once" and stage > 0)
+    return spec.curriculum.selector in NEEDS_INFLUENCE and not keeps_first_choice(spec, stage)
 
 
 def selection_key(spec: JobSpec, stage: int) -> str:
@@ -60,10 +66,10 @@ def select_stage(spec: JobSpec, data: JobData, store: ObjectStore, influence: In
     if stored is not None:
         return stored
     cur = spec.curriculum
-    if cur.selector == "influence_once" and stage > 0:
+    if keeps_first_choice(spec, stage):
         selection = stored_selection(store, spec, 0)
         if selection is None:
-            raise RuntimeError(f"influence_once: stage 0's selection is missing from the store ({selection_key(spec, 0)})")
+            raise RuntimeError(f"{cur.selector}: stage 0's selection is missing from the store ({selection_key(spec, 0)})")
         selection.seconds = 0.0  # reusing stage 0's choice costs nothing
         selection.note = "stage 0's selection, kept"
     else:
@@ -88,4 +94,4 @@ def _compute(spec: JobSpec, data: JobData, influence: InfluenceEngine, stage: in
         scores = influence.score_stage(stage, progress)
         assert scores.prompt_ids == ids
         ctx.scores, ctx.eligible = scores.scores, scores.eligible
-    return SELECTORS[cur.selector](ctx)
+    return selector_function(cur.selector)(ctx)

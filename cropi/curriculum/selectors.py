@@ -6,7 +6,13 @@ acceleration benchmark can swap them:
     select(ctx: SelectionContext) -> Selection
 
 `cropi` and `influence_once` need influence scores; the heuristics need only
-the offline pass rates; `full` and `random` need neither.
+the offline pass rates; `full`, `random` and `dynamic` need neither.
+
+A selector named `<x>_once` makes selector `<x>`'s choice at stage 0 and
+keeps it for every stage (the reference code's heuristics draw once);
+without the suffix the choice is made afresh at every stage.
+`dynamic` (DAPO / verl dynamic sampling) hands the whole pool to the stage:
+it filters at every training step instead (`curriculum/policy.py`).
 """
 
 from __future__ import annotations
@@ -126,10 +132,18 @@ def _need(value, selector: str, what: str):
 
 SELECTORS: dict[str, Callable[[SelectionContext], Selection]] = {
     "cropi": select_cropi,
-    "influence_once": select_cropi,  # the loop calls it at stage 0 only and keeps the result
     "full": select_full,
     "random": select_random,
     "learnability": select_learnability,
     "pass_rate": select_pass_rate,
+    "dynamic": select_full,
 }
+# The loop calls these at stage 0 only and keeps the result for later stages.
+KEEP_FIRST = {"influence_once": "cropi", "learnability_once": "learnability", "pass_rate_once": "pass_rate"}
 NEEDS_INFLUENCE = {"cropi", "influence_once"}
+NEEDS_PASS_RATES = {"learnability", "pass_rate", "learnability_once", "pass_rate_once"}
+
+
+def selector_function(name: str) -> Callable[[SelectionContext], Selection]:
+    """The function that makes `name`'s choice (for a `_once` selector: its stage-0 choice)."""
+    return SELECTORS[KEEP_FIRST.get(name, name)]

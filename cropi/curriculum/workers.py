@@ -126,6 +126,8 @@ def handle_project(cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat:
     job, stage = payload["job"], payload["stage"]
     policy = cache.stage_policy(job, stage)
     influence = InfluenceEngine(cache.spec(job), cache.store, policy.model, policy.tokenizer)
+    if influence.needs_behaviour_model(stage):
+        influence.behaviour = policy.base_model()
     influence.load_offline(cache.data(job))
     popi = influence.popi()
     try:

@@ -19,8 +19,15 @@ from urllib.parse import parse_qsl
 from cropi.data.types import Prompt
 from cropi.errors import InputError
 
-# skill -> (prompt text, correct answer) for operands drawn at `digits` digits.
-SkillFn = Callable[[random.Random, int], tuple[str, int]]
+# skill -> (prompt text, correct answer, confused answer) for operands drawn
+# at `digits` digits. The confused answer is the skill's typical *strategy*
+# mistake (the wrong operation, the opposite order): the warm-start corpus
+# of the built-in model answers a share of its exercises that way, so the
+# base policy knows the right strategy but often prefers the wrong one. That
+# is what RLVR sharpens in real models (pass@1 rises towards pass@k), and the
+# lesson belongs to one skill: learning that "max" means max teaches nothing
+# about "+".
+SkillFn = Callable[[random.Random, int], tuple[str, int, int]]
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -29,34 +36,35 @@ def _number(rng: random.Random, digits: int) -> int:
     return rng.randint(10 ** (digits - 1), 10**digits - 1)
 
 
-def _add(rng: random.Random, d: int) -> tuple[str, int]:
+def _add(rng: random.Random, d: int) -> tuple[str, int, int]:
     a, b = _number(rng, d), _number(rng, d)
-    return f"{a}+{b}=", a + b
+    return f"{a}+{b}=", a + b, a - b
 
 
-def _sub(rng: random.Random, d: int) -> tuple[str, int]:
+def _sub(rng: random.Random, d: int) -> tuple[str, int, int]:
     a, b = _number(rng, d), _number(rng, d)
-    return f"{a}-{b}=", a - b
+    return f"{a}-{b}=", a - b, a + b
 
 
-def _mul(rng: random.Random, d: int) -> tuple[str, int]:
+def _mul(rng: random.Random, d: int) -> tuple[str, int, int]:
     a, b = _number(rng, d), rng.randint(2, 9)
-    return f"{a}*{b}=", a * b
+    return f"{a}*{b}=", a * b, a + b
 
 
-def _max(rng: random.Random, d: int) -> tuple[str, int]:
+def _max(rng: random.Random, d: int) -> tuple[str, int, int]:
     a, b = _number(rng, d), _number(rng, d)
-    return f"max({a},{b})=", max(a, b)
+    return f"max({a},{b})=", max(a, b), min(a, b)
 
 
-def _rev(rng: random.Random, d: int) -> tuple[str, int]:
+def _rev(rng: random.Random, d: int) -> tuple[str, int, int]:
     a = _number(rng, d)
-    return f"rev({a})=", int(str(a)[::-1])
+    return f"rev({a})=", int(str(a)[::-1]), a
 
 
-def _sort(rng: random.Random, d: int) -> tuple[str, int]:
+def _sort(rng: random.Random, d: int) -> tuple[str, int, int]:
     a = _number(rng, d)
-    return f"sort({a})=", int("".join(sorted(str(a))))
+    digits = sorted(str(a))
+    return f"sort({a})=", int("".join(digits)), int("".join(reversed(digits)))
 
 
 SKILLS: dict[str, SkillFn] = {"add": _add, "sub": _sub, "mul": _mul, "max": _max, "rev": _rev, "sort": _sort}
@@ -131,13 +139,14 @@ def generate(
     for i in range(size):
         skill, d = cells[rng.randrange(len(cells))]
         for _ in range(20):
-            text, answer = SKILLS[skill](rng, d)
+            text, answer, confused = SKILLS[skill](rng, d)
             if text not in seen:
                 break
         seen.add(text)
         noisy = rng.random() < noise
         reference = _corrupt(rng, answer) if noisy else answer
-        meta = {"skill": skill, "digits": d, "noisy": noisy, "true_answer": str(answer)}
+        meta = {"skill": skill, "digits": d, "noisy": noisy, "true_answer": str(answer),
+                "confused_answer": str(confused)}
         prompts.append(Prompt(id=f"{i:06d}", text=text, answer=str(reference), verifier="int", meta=meta))
     return prompts
 

@@ -72,6 +72,8 @@ class ProjectorActor:
             if ray.get_gpu_ids():  # Ray gave this actor a GPU (CUDA may be visible without one)
                 policy.model.to("cuda")
             engine = InfluenceEngine(self.cache.spec(job), self.cache.store, policy.model, policy.tokenizer)
+            if engine.needs_behaviour_model(stage):
+                engine.behaviour = policy.base_model().to(policy.model.device)
             engine.load_offline(self.cache.data(job))
             self._loaded = (job, stage, engine, engine.popi())
         return self._loaded[2], self._loaded[3]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cropi.curriculum.policy import evaluate_policy, sample_groups
+from cropi.curriculum.policy import Draw, evaluate_policy, sample_step
 from cropi.curriculum.state import Progress
 from cropi.curriculum.workers import (
     JobCache,
@@ -105,15 +105,15 @@ class RayPolicy:
         results = evaluate_policy(self.spec, self.engine, data, step, log) if self.rank == 0 else None
         return _broadcast(results, self.rank)  # every rank sees the same progress (early stopping)
 
-    def train_step(self, step: int, prompts: Sequence[Prompt]) -> dict[str, float]:
+    def train_step(self, step: int, draw: Draw) -> dict[str, float]:
         t0 = time.perf_counter()
-        batch = sample_groups(self.spec, self.engine, step, prompts) if self.rank == 0 else None
-        groups, rewards = _broadcast(batch, self.rank)
+        batch = sample_step(self.spec, self.engine, step, draw) if self.rank == 0 else None
+        groups, rewards, draws = _broadcast(batch, self.rank)
         t1 = time.perf_counter()
         stats = self.trainer.step(groups, rewards)
         t2 = time.perf_counter()
         self.sync(step)
-        stats.update(rollout_s=t1 - t0, train_s=t2 - t1, sync_s=time.perf_counter() - t2)
+        stats.update(rollout_s=t1 - t0, train_s=t2 - t1, sync_s=time.perf_counter() - t2, draws=draws)
         return stats
 
 

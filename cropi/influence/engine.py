@@ -51,11 +51,12 @@ class StageScores:
 class InfluenceEngine:
     def __init__(self, spec: JobSpec, store: ObjectStore, model: PreTrainedModel | None = None,
                  tokenizer: PreTrainedTokenizerBase | None = None,
-                 part_size: int = 256):
+                 part_size: int = 256, behaviour: PreTrainedModel | None = None):
         self.spec = spec
         self.store = store
         self.model = model
         self.tokenizer = tokenizer
+        self.behaviour = behaviour  # the base model, for log-probs at a temperature other than the sampling one
         self.part_size = part_size
         inf = spec.influence
         self.projector = SparseProjector(inf.proj_dim, inf.sparse_ratio, inf.seed)
@@ -105,8 +106,11 @@ class InfluenceEngine:
         sets = []
         for name in (v.name for v in self.spec.data.validation):
             set_name = valid_set_name(name)
+            # Only prompts with mixed offline rewards have a gradient; averaging in the
+            # others' zero rows would shrink the target (the reference code drops them too).
+            eligible = [g.prompt_id for g in self.offline[set_name] if g.eligible]
+            chosen = set(choose_target_prompts(eligible, inf.max_valid_prompts, inf.seed, name))
             groups = self.offline[set_name]
-            chosen = set(choose_target_prompts([g.prompt_id for g in groups], inf.max_valid_prompts, inf.seed, name))
             sets.append((set_name, [g for g in groups if g.prompt_id in chosen]))
         sets.append((POOL, self.offline[POOL]))
         return sets
@@ -121,15 +125,28 @@ class InfluenceEngine:
         key = grads_key(self.spec.name, stage, set_name, index)
         if exists_projected(self.store, key):
             return
+        if self.needs_behaviour_model(stage) and popi.behaviour is None:
+            raise RuntimeError(f"stage {stage}: influence.logprob_temperature needs the base model to re-score "
+                               "the offline responses; none was given to the influence engine")
         groups = dict(self._stage_groups())[set_name]
         chunk = groups[index * self.part_size : (index + 1) * self.part_size]
         save_projected(self.store, key, popi.project_groups(chunk), self.projector.describe())
+
+    def needs_behaviour_model(self, stage: int) -> bool:
+        """Must stage `stage` re-score the offline responses with the base model?
+
+        Only when log-probs are recomputed at a temperature other than the
+        sampling one, and only after stage 0 (there the policy is the base).
+        """
+        t = self.spec.influence.logprob_temperature
+        return stage > 0 and t is not None and t != self.spec.offline.temperature
 
     def popi(self) -> POPIProjector:
         """Gradient hooks on the model (remove them with `.close()`)."""
         if self.model is None:
             raise RuntimeError("this influence engine has no model: it can only read stored gradients")
-        return POPIProjector(self.model, self.projector, self.tokenizer.pad_token_id, self.spec.rl.adv_eps)
+        return POPIProjector(self.model, self.projector, self.tokenizer.pad_token_id, self.spec.rl.adv_eps,
+                             self.spec.influence.logprob_temperature, self.behaviour)
 
     def score_stage(self, stage: int, progress: Progress | None = None) -> StageScores:
         """Cosine scores of every pool prompt against every validation target at the current policy.

@@ -10,8 +10,12 @@ beta, rewards r_i):
     g(x)     = grad_theta L_x
 
 No new rollouts are needed: the current policy only re-scores the stored
-responses. Log-probs use the temperature the responses were sampled at, so
-that rho = 1 exactly when theta = beta.
+responses. By default log-probs use the temperature the responses were
+sampled at, so that rho = 1 exactly when theta = beta and the stored
+behaviour log-probs serve as log pi_beta. With `influence.logprob_temperature`
+set (the reference code uses 1.0), both policies are re-scored at that
+temperature: pi_beta by the base model (`behaviour`), since the stored
+log-probs are tempered.
 
 The gradient never exists as one flat vector: a post-accumulate hook on each
 parameter hands its gradient to the projector's accumulator and frees it, so
@@ -41,12 +45,24 @@ def group_batch(group: OfflineGroup, pad_id: int):
     return collate(trajectories, pad_id)
 
 
-def popi_loss(model: PreTrainedModel, group: OfflineGroup, pad_id: int, adv_eps: float = 1e-4) -> torch.Tensor:
-    """L_x(theta) of DESIGN.md §2.2 for one prompt's offline group."""
+def popi_loss(model: PreTrainedModel, group: OfflineGroup, pad_id: int, adv_eps: float = 1e-4,
+              temperature: float | None = None, behaviour: PreTrainedModel | None = None) -> torch.Tensor:
+    """L_x(theta) for one prompt's offline group.
+
+    `temperature` None scores at the sampling temperature against the stored
+    log-probs; a number re-scores `model` and `behaviour` (the base policy;
+    None: `model` is the base policy) at that temperature.
+    """
     device = next(model.parameters()).device
     batch = group_batch(group, pad_id).to(device)
-    logp = token_logprobs(response_logits(model, batch, group.temperature), batch.response_ids)
-    rho = torch.exp(logp - batch.old_logprobs)
+    if temperature is None or temperature == group.temperature:
+        logp = token_logprobs(response_logits(model, batch, group.temperature), batch.response_ids)
+        old_logp = batch.old_logprobs
+    else:
+        logp = token_logprobs(response_logits(model, batch, temperature), batch.response_ids)
+        with torch.no_grad():
+            old_logp = token_logprobs(response_logits(behaviour or model, batch, temperature), batch.response_ids)
+    rho = torch.exp(logp - old_logp)
     mask = batch.response_mask
     per_sequence = (rho * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     advantages = group_advantages(torch.tensor([group.rewards], dtype=torch.float32), adv_eps)[0].to(device)
@@ -68,11 +84,14 @@ class POPIProjector:
     `add(name, grad)` and `result() -> torch.Tensor [k]`.
     """
 
-    def __init__(self, model: PreTrainedModel, projector, pad_id: int, adv_eps: float = 1e-4):
+    def __init__(self, model: PreTrainedModel, projector, pad_id: int, adv_eps: float = 1e-4,
+                 temperature: float | None = None, behaviour: PreTrainedModel | None = None):
         self.model = model
         self.projector = projector
         self.pad_id = pad_id
         self.adv_eps = adv_eps
+        self.temperature = temperature
+        self.behaviour = behaviour
         self._acc = None
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook(name))
@@ -100,7 +119,7 @@ class POPIProjector:
         self.model.zero_grad(set_to_none=True)
         self._acc = self.projector.new_accumulator()
         try:
-            popi_loss(self.model, group, self.pad_id, self.adv_eps).backward()
+            popi_loss(self.model, group, self.pad_id, self.adv_eps, self.temperature, self.behaviour).backward()
             return self._acc.result()
         finally:
             self._acc = None

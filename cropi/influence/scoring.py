@@ -1,6 +1,7 @@
 """Validation targets and influence scores (DESIGN.md §2.4-2.5).
 
-t_j    = mean of z(y) over up to `max_valid_prompts` prompts of validation set j
+t_j    = mean of z(y) over up to `max_valid_prompts` eligible prompts of
+         validation set j (a seeded choice among those with mixed offline rewards)
 s_j(x) = cos(z(x), t_j)
 
 Ineligible prompts (all-equal offline rewards, hence no gradient) score -inf
@@ -19,7 +20,7 @@ from cropi.influence.popi import ProjectedGradients
 
 
 def choose_target_prompts(prompt_ids: Sequence[str], max_prompts: int, seed: int, set_name: str) -> list[str]:
-    """The seeded subset of a validation set whose gradients define its target."""
+    """The seeded subset of a validation set's eligible prompts whose gradients define its target."""
     ids = list(prompt_ids)
     if len(ids) <= max_prompts:
         return ids
@@ -28,7 +29,7 @@ def choose_target_prompts(prompt_ids: Sequence[str], max_prompts: int, seed: int
 
 
 def target_vector(grads: ProjectedGradients) -> np.ndarray:
-    """Mean projected gradient; ineligible prompts contribute zero (their gradient is zero)."""
+    """Mean projected gradient of the target prompts (all eligible, so no zero rows)."""
     return grads.vectors.mean(axis=0) if len(grads.prompt_ids) else np.zeros(0, np.float32)
 
 

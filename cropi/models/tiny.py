@@ -5,16 +5,22 @@ The warm start is deliberately short: the base policy should be partly
 competent (easy prompts solved, hard ones not) so that RL has something to
 improve and prompts differ in learnability, as with a real 1.5B base model.
 
-It also imitates how a *pretrained* base model behaves. Its corpus is made of
-documents: add/sub/mul problems come in worksheets, where after an answer
-the next exercise often follows on a new line (`ramble_arith`), while the
-other skills mostly come alone (`ramble_other`). The base policy therefore
-sometimes runs on into a new exercise instead of stopping, and a verifier
-that wants a bare integer gives that 0 — the format lesson RLVR first
-teaches real base models. Without it, this tiny model's errors are
-idiosyncratic digit slips that RL on a mixed pool cannot fix within a CPU
-budget (measured: accuracy random-walks down); with it, part of what RL must
-learn is shared across prompts of a skill, as with real models.
+It also imitates what makes RLVR work on real base models: latent
+capability that sampling finds and greedy decoding does not. In its corpus a
+share of the exercises (`confusion`, 0.6) is answered with the skill's
+typical strategy mistake (`data/arith.py`: add as a-b, max as min, rev left
+unreversed, sort descending, ...). The base policy therefore knows both
+strategies and greedily prefers the wrong one on most prompts of a skill it
+can compute, so pass@8 is several times greedy accuracy; GRPO lifts greedy
+accuracy towards pass@k by shifting that preference, and the shift is
+learned per skill. Measured with `cropi bench testbed` (docs/performance.md).
+
+Two earlier mechanisms were measured and dropped: a "run-on" quirk
+(`ramble_arith`, `ramble_other`: worksheets where a next exercise follows
+the answer) made stopping the main lesson, shared by every prompt, so any
+prompt taught it; without any quirk the errors are idiosyncratic digit
+slips that RL does not fix (greedy accuracy drifts down). Both options
+remain for experiments and default to 0.
 
 The result is an ordinary HF folder cached under ``$CROPI_CACHE`` (default
 ``~/.cache/cropi``) keyed by everything that determines its weights.
@@ -22,6 +28,7 @@ The result is an ordinary HF folder cached under ``$CROPI_CACHE`` (default
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -55,8 +62,9 @@ class TinyRecipe:
     sft_steps: int = 800
     sft_batch: int = 256
     sft_lr: float = 2e-3
-    ramble_arith: float = 0.45  # P(next exercise follows) after an add/sub/mul answer
-    ramble_other: float = 0.1  # same after max/rev/sort
+    ramble_arith: float = 0.0  # P(next exercise follows) after an add/sub/mul answer
+    ramble_other: float = 0.0  # same after max/rev/sort
+    confusion: float = 0.6  # P(an exercise is answered with its skill's confused strategy)
     seed: int = 0
 
     @classmethod
@@ -112,6 +120,12 @@ def _sft_batch(tok: PreTrainedTokenizerBase, docs: list[list[arith.Prompt]]) -> 
     return {"input_ids": input_ids, "attention_mask": mask, "labels": label_t}
 
 
+def _maybe_confused(p: arith.Prompt, confusion: float, rng: random.Random) -> arith.Prompt:
+    if confusion and rng.random() < confusion:
+        return dataclasses.replace(p, answer=p.meta["confused_answer"])
+    return p
+
+
 def build_tiny_model(
     recipe: TinyRecipe, out_dir: Path, progress: Callable[[int, int, float], None] | None = None
 ) -> None:
@@ -137,6 +151,8 @@ def build_tiny_model(
     data = arith.generate(recipe.sft_steps * recipe.sft_batch, seed=f"sft-{recipe.seed}")
     followers = arith.generate(recipe.sft_steps * recipe.sft_batch, seed=f"sft-next-{recipe.seed}")
     rng = random.Random(arith.stream_seed("sft-docs", recipe.seed))
+    data = [_maybe_confused(p, recipe.confusion, rng) for p in data]
+    followers = [_maybe_confused(p, recipe.confusion, rng) for p in followers]
     docs = []
     for first, second in zip(data, followers):
         ramble = recipe.ramble_arith if first.meta["skill"] in ARITH_SKILLS else recipe.ramble_other
