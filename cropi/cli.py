@@ -1,4 +1,4 @@
-"""The `cropi` command line (DESIGN.md §4).
+"""The `cropi` command line (docs/design.md §4).
 
 Exit codes: 0 ok, 2 bad input (one message naming what is wrong, no
 traceback), 1 anything else.
@@ -66,16 +66,18 @@ def run(
     if len(result.stages) > 1 or spec.curriculum.selector != "full":
         from cropi.inspection import histogram_line, inspect_run
 
-        chosen = {r["stage"]: histogram_line(r) for r in inspect_run(run_dir)["stages"]}
         stages = Table(title=f"stages ({spec.curriculum.selector}): targeted greedy / sampled accuracy")
-        for col in ("stage", "eligible", "selected", "before", "after", "selected / eligible", "note"):
-            stages.add_column(col, justify="right" if col in ("stage", "eligible", "selected") else "left")
+        for col in ("stage", "eligible", "selected", "before", "after", "note"):
+            stages.add_column(col, justify="left" if col == "note" else "right")
         for st in result.stages:
             stages.add_row(str(st["stage"]), str(st["eligible"]), str(st["selected"]),
                            _targeted(st["before"], result.targeted), _targeted(st["after"], result.targeted),
-                           chosen.get(st["stage"], "-"), st["note"])
+                           st["note"])
         console.print(stages)
-        console.print(f"what each stage chose: cropi inspect {run_dir}")
+        console.print("selected / eligible per stage:")
+        for report in inspect_run(run_dir)["stages"]:
+            console.print(f"  stage {report['stage']}  {histogram_line(report)}", highlight=False)
+        console.print(f"(the prompts themselves: cropi inspect {run_dir})")
     console.print(
         f"{result.steps} steps in {result.wallclock_s / 60:.1f} min; run folder: {result.run_dir} "
         "(spec.yaml, metrics.jsonl, checkpoint/, tb/, curves.png)"
@@ -361,7 +363,7 @@ def bench_acceleration(
     out: Path = typer.Option(Path("bench-out/acceleration"), "--out", help="folder for the runs, acceleration.json/png"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Steps and wall-clock each selector needs to reach full-dataset GRPO's targeted accuracy (DESIGN §9)."""
+    """Steps and wall-clock each selector needs to reach full-dataset GRPO's targeted accuracy (docs/design.md §9)."""
     from cropi.bench.acceleration import run_acceleration_bench
 
     if metric not in ("sampled_accuracy", "accuracy"):

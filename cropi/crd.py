@@ -1,6 +1,6 @@
 """The `CurriculumJob` CustomResourceDefinition, generated from the job-spec model.
 
-A CurriculumJob's `.spec` is a job spec (DESIGN.md §3). Its openAPIV3Schema is
+A CurriculumJob's `.spec` is a job spec (docs/design.md §3). Its openAPIV3Schema is
 derived from `cropi.spec.JobSpec` rather than written by hand, so the CRD and
 the controller API cannot disagree; `tests/test_crd.py` fails when the
 committed chart file drifts from the model. Regenerate with

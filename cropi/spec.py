@@ -1,5 +1,5 @@
 """The job spec: one typed model shared by `cropi run`, `cropi submit`, the
-controller API and the CurriculumJob CRD (DESIGN.md §3).
+controller API and the CurriculumJob CRD (docs/design.md §3).
 
 Every section forbids unknown keys, so a typo is an error naming its field
 path rather than a silently ignored setting.

@@ -208,3 +208,14 @@ def test_bad_bench_options_exit_2_naming_the_option(args, message, tmp_path):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "o").exists()
+
+
+def test_records_of_selectors_without_influence_ignore_the_influence_settings():
+    from cropi.bench.acceleration import record_key
+
+    a = parse_spec({"curriculum": {"selector": "random"}})
+    b = parse_spec({"curriculum": {"selector": "random"}, "influence": {"logprob_temperature": 1.0}})
+    assert record_key(a) == record_key(b)
+    c = parse_spec({"curriculum": {"selector": "cropi"}})
+    d = parse_spec({"curriculum": {"selector": "cropi"}, "influence": {"logprob_temperature": 1.0}})
+    assert record_key(c) != record_key(d)

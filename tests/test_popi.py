@@ -1,4 +1,4 @@
-"""POPI gradients (DESIGN.md §2.2) and their streamed projection."""
+"""POPI gradients (docs/design.md §2.2) and their streamed projection."""
 
 import copy
 import dataclasses
@@ -71,22 +71,35 @@ def test_at_the_behaviour_policy_popi_is_the_on_policy_grpo_gradient(tiny_model,
                                       loss_agg="seq-mean-token-mean")
     assert clip_frac.item() == 0.0
     g_grpo = torch.autograd.grad(pg, params)
+    # rho is 1 up to float rounding (~1e-6: sampled vs recomputed log-probs), so the two gradients agree to
+    # ~1e-6 of each tensor's scale; element-wise relative checks fail where terms cancel to near zero.
     for a, b in zip(g_popi, g_grpo):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def moved_copy(model):
+    """The model with every weight perturbed: a policy away from the behaviour policy."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return moved
+
+
+def loss_by_hand(rho, batch, group):
+    """-(1/G) sum_i A_i * mean_t rho_i,t."""
+    mask = batch.response_mask
+    return -(((rho * mask).sum(-1) / mask.sum(-1)) * group_advantages(torch.tensor([group.rewards]))[0]).mean()
 
 
 def test_ratio_is_not_clipped_away_from_the_behaviour_policy(tiny_model, offline_groups):
     model, tok = tiny_model
     group = mixed(offline_groups)[0]
-    moved = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    moved = moved_copy(model)
     batch = group_batch(group, tok.pad_token_id)
     logp = token_logprobs(response_logits(moved, batch, TEMPERATURE), batch.response_ids)
     rho = torch.exp(logp - batch.old_logprobs)
-    expected = -(((rho * batch.response_mask).sum(-1) / batch.response_mask.sum(-1))
-                 * group_advantages(torch.tensor([group.rewards]))[0]).mean()
+    expected = loss_by_hand(rho, batch, group)
     assert (rho * batch.response_mask).max() > 1.2 or (rho + (1 - batch.response_mask)).min() < 0.8
     assert popi_loss(moved, group, tok.pad_token_id).item() == pytest.approx(expected.item(), rel=1e-5)
 
@@ -127,15 +140,11 @@ def test_at_temperature_one_both_policies_are_rescored_at_t1(tiny_model, offline
     # with pi_beta the base model, not the stored (tempered) behaviour log-probs.
     model, tok = tiny_model
     group = mixed(offline_groups)[0]
-    moved = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in moved.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    moved = moved_copy(model)
     batch = group_batch(group, tok.pad_token_id)
-    mask = batch.response_mask
     rho = torch.exp(token_logprobs(response_logits(moved, batch, 1.0), batch.response_ids)
                     - token_logprobs(response_logits(model, batch, 1.0), batch.response_ids))
-    expected = -(((rho * mask).sum(-1) / mask.sum(-1)) * group_advantages(torch.tensor([group.rewards]))[0]).mean()
+    expected = loss_by_hand(rho, batch, group)
     got = popi_loss(moved, group, tok.pad_token_id, temperature=1.0, behaviour=model)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     assert got.item() != pytest.approx(popi_loss(moved, group, tok.pad_token_id).item(), rel=1e-3)
@@ -149,8 +158,7 @@ def test_at_temperature_one_and_the_base_policy_rho_is_one_and_the_gradient_is_o
     g_t1 = torch.autograd.grad(popi_loss(model, group, tok.pad_token_id, temperature=1.0), params)
     batch = group_batch(group, tok.pad_token_id)
     logp = token_logprobs(response_logits(model, batch, 1.0), batch.response_ids)
-    adv = group_advantages(torch.tensor([group.rewards]))[0]
-    on_policy = -(((logp * batch.response_mask).sum(-1) / batch.response_mask.sum(-1)) * adv).mean()
+    on_policy = loss_by_hand(logp, batch, group)  # d(rho)/d(theta) = d(log pi)/d(theta) at rho = 1
     g_ref = torch.autograd.grad(on_policy, params)
     for a, b in zip(g_t1, g_ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)

@@ -1,4 +1,4 @@
-"""The sparse projection of DESIGN.md §2.3: deterministic everywhere, streaming,
+"""The sparse projection of docs/design.md §2.3: deterministic everywhere, streaming,
 unbiased, and agreeing with a plain torch reference."""
 
 from __future__ import annotations

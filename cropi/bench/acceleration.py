@@ -1,7 +1,7 @@
 """`cropi bench acceleration`: how many fewer steps (and seconds) does each
 selector need to reach the targeted accuracy of full-dataset GRPO?
 
-The protocol (DESIGN §9, the paper's plus the statistics it lacks):
+The protocol (docs/design.md §9, the paper's plus the statistics it lacks):
 - every selector runs the same paired seeds (same pool, sets and rollout
   seeds), stage schedule and step budget; only `curriculum.selector`
   differs. `full` runs `full_steps` (>= 2.5x the selectors' budget), so the
@@ -53,7 +53,7 @@ from cropi.bench.acceleration_math import (
     value_at,
 )
 from cropi.curriculum.runner import run_job
-from cropi.curriculum.selectors import NEEDS_PASS_RATES
+from cropi.curriculum.selectors import NEEDS_INFLUENCE, NEEDS_PASS_RATES
 from cropi.errors import InputError
 from cropi.evaluation import targeted_mean
 from cropi.runtime.store import LocalStore
@@ -64,7 +64,7 @@ from cropi.tracking import read_metrics
 # pass-rate heuristics find the offline trajectories (and stage 0's scores) stored.
 SELECTORS = ("cropi", "influence_once", "learnability", "learnability_once", "pass_rate", "pass_rate_once",
              "dynamic", "random", "full")
-NEEDS_OFFLINE = {"cropi", "influence_once"} | NEEDS_PASS_RATES
+NEEDS_OFFLINE = NEEDS_INFLUENCE | NEEDS_PASS_RATES
 LEVELS = (0.5, 0.75, 0.9)  # neutral targets: fractions of full's final gain
 BOOTSTRAP_RESAMPLES = 2000
 
@@ -87,7 +87,7 @@ class Schedule:
 
 # The default run: <= 120 min on 2 CPU cores (docs/performance.md). The pool
 # and the evaluation sets are cut to fit, never the seeds.
-FULL = Schedule(seeds=5, stages=4, steps_per_stage=15, full_steps=150, eval_every=5, pool_size=2000, eval_size=100)
+FULL = Schedule(seeds=5, stages=4, steps_per_stage=15, full_steps=150, eval_every=5)
 # A smoke-sized run of the same pipeline (<= 10 min); its numbers are noisy
 # and not the benchmark's result.
 QUICK = Schedule(seeds=2, stages=2, steps_per_stage=5, full_steps=25, eval_every=5, pool_size=400, eval_size=40)
@@ -366,7 +366,7 @@ def finished_record(out: Path, seed: int, spec: JobSpec, metric: str, console: C
     record_file = out / "records" / f"seed-{seed}" / f"{spec.curriculum.selector}.json"
     if record_file.is_file():
         kept = json.loads(record_file.read_text())
-        if kept.get("spec") == spec.to_yaml() and kept.get("metric") == metric:
+        if kept.get("spec") == record_key(spec) and kept.get("metric") == metric:
             console.print(f"seed {seed}: {spec.curriculum.selector} finished earlier ({record_file})")
             return kept["record"]
     run_dir = out / f"seed-{seed}" / spec.curriculum.selector
@@ -374,8 +374,20 @@ def finished_record(out: Path, seed: int, spec: JobSpec, metric: str, console: C
     run_job(spec, run_dir, console)
     record = run_record(run_dir, spec, metric)
     record_file.parent.mkdir(parents=True, exist_ok=True)
-    record_file.write_text(json.dumps({"spec": spec.to_yaml(), "metric": metric, "record": record}))
+    record_file.write_text(json.dumps({"spec": record_key(spec), "metric": metric, "record": record}))
     return record
+
+
+def record_key(spec: JobSpec) -> str:
+    """What a run's record depends on: its spec, less the influence settings for selectors that use none.
+
+    So a bench that varies only influence settings (another job file, another
+    `--out`) can reuse the other selectors' records instead of rerunning them.
+    """
+    data = spec.model_dump(mode="json")
+    if spec.curriculum.selector not in NEEDS_INFLUENCE:
+        data.pop("influence")
+    return json.dumps(data, sort_keys=True)
 
 
 def run_acceleration_bench(job: Path, out: Path, console: Console, seeds: int | None = None,

@@ -1,5 +1,5 @@
 """Precision@10 % of the projected selection against the exact one
-(DESIGN.md §2.3: the measurement that chooses `sparse_ratio` and `k`).
+(docs/design.md §2.3: the measurement that chooses `sparse_ratio` and `k`).
 
 For one model, a pool and a targeted validation set:
 

@@ -3,7 +3,7 @@
 Selector-free: it runs only full-data GRPO and GRPO on two skill subsets of
 the pool, so its verdict cannot favour any selector. The testbed (model,
 tasks, GRPO settings) is fixed by these criteria *before* selectors are
-compared (DESIGN §9):
+compared (docs/design.md §9):
 
 - greedy rises: full-data GRPO raises greedy targeted accuracy by at least
   `MIN_GREEDY_GAIN` (seed mean, and on every seed);

@@ -170,7 +170,7 @@ class Controller:
         self.jobs.update(job, **fields)
 
     def _end(self, job: str, phase: str, status: str, message: str, **fields) -> None:
-        """A terminal transition; the job's events are archived beside its artifacts (DESIGN.md §5)."""
+        """A terminal transition; the job's events are archived beside its artifacts (docs/design.md §5)."""
         self._set(job, phase=phase, status=status, **fields)
         self.jobs.event(job, phase, message)
         events = self.jobs.events(job, count=1_000_000)

@@ -1,4 +1,4 @@
-"""Stage selectors: which pool prompts a stage trains on (DESIGN.md §2.5).
+"""Stage selectors: which pool prompts a stage trains on (docs/design.md §2.5).
 
 All selectors share one signature so that the curriculum loop and the
 acceleration benchmark can swap them:

@@ -1,6 +1,6 @@
 """The influence engine: offline trajectories once per job, then, at each
 stage, projected POPI gradients of every pool prompt and of the validation
-targets at the current policy, and the cosine scores (DESIGN.md §2.1-2.5).
+targets at the current policy, and the cosine scores (docs/design.md §2.1-2.5).
 
 Every product goes to the object store in parts; a part already there is
 loaded, not recomputed, so a stage interrupted halfway resumes where it was.

@@ -52,7 +52,7 @@ class OfflineGroup:
 
     @property
     def eligible(self) -> bool:
-        """All-equal rewards give zero advantages and no gradient (DESIGN.md §2.2)."""
+        """All-equal rewards give zero advantages and no gradient (docs/design.md §2.2)."""
         return len(set(self.rewards)) > 1
 
 

@@ -1,5 +1,5 @@
 """POPI: the off-policy policy gradient of one prompt at the current policy
-(DESIGN.md §2.2), projected as backward produces it.
+(docs/design.md §2.2), projected as backward produces it.
 
 For a prompt x with offline group o_1..o_G (sampled by the behaviour policy
 beta, rewards r_i):

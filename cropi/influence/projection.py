@@ -1,4 +1,4 @@
-"""Sparse random projection of per-prompt gradients (DESIGN.md §2.3, step 3).
+"""Sparse random projection of per-prompt gradients (docs/design.md §2.3, step 3).
 
 `SparseProjector(dim=k, sparse_ratio=r, seed, block=B)` maps a gradient,
 given as `(parameter name, tensor)` pieces, to `z in R^k`.

@@ -1,4 +1,4 @@
-"""Validation targets and influence scores (DESIGN.md §2.4-2.5).
+"""Validation targets and influence scores (docs/design.md §2.4-2.5).
 
 t_j    = mean of z(y) over up to `max_valid_prompts` eligible prompts of
          validation set j (a seeded choice among those with mixed offline rewards)

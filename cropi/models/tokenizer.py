@@ -3,7 +3,7 @@ with the `tokenizers` library and wrapped as a standard HF fast tokenizer.
 
 It is saved with `tokenizer_class: PreTrainedTokenizerFast` so that
 `AutoTokenizer` does not substitute a model-family tokenizer (the qwen2
-gotcha in DESIGN.md §8).
+gotcha in docs/design.md §8).
 """
 
 from __future__ import annotations

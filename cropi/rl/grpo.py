@@ -13,7 +13,7 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """A_i = (r_i - mean(r)) / (std(r) + eps) within each group (row).
 
     `rewards` is [num_groups, group_size]; std is unbiased (torch.std), as in
-    DESIGN.md §2.2. A group whose rewards are all equal gets A = 0.
+    docs/design.md §2.2. A group whose rewards are all equal gets A = 0.
     """
     mean = rewards.mean(dim=-1, keepdim=True)
     std = rewards.std(dim=-1, keepdim=True)

@@ -1,1 +1,1 @@
-"""Placeholder: filled in by a later issue (see DESIGN.md §7)."""
+"""Placeholder: filled in by a later issue (see docs/design.md §7)."""

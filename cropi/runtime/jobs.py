@@ -1,4 +1,4 @@
-"""Job records in Redis (DESIGN.md §6): one hash per job with its current
+"""Job records in Redis (docs/design.md §6): one hash per job with its current
 phase, and one event stream per job that `cropi logs --follow` reads.
 
     <p>:job:<name>      hash: name, phase, stage, step, status, spec, created, updated, error, cancel

@@ -1,4 +1,4 @@
-"""The task bus: one Redis stream + consumer group per task kind (DESIGN.md §6).
+"""The task bus: one Redis stream + consumer group per task kind (docs/design.md §6).
 
 Delivery is at-least-once. A task stays in its group's pending list until a
 worker acknowledges it; a worker that dies leaves it there, and after

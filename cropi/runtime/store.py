@@ -1,5 +1,5 @@
 """The object store: where trajectories, projected gradients and checkpoints
-live (DESIGN.md §5). This module has the interface and the local-folder
+live (docs/design.md §5). This module has the interface and the local-folder
 backend; the S3/MinIO backend implements the same interface.
 
 Every object is written atomically (temp file, then rename) with a SHA-256
