@@ -170,11 +170,15 @@ class Controller:
         self.jobs.update(job, **fields)
 
     def _end(self, job: str, phase: str, status: str, message: str, **fields) -> None:
-        """A terminal transition; the job's events are archived beside its artifacts (docs/design.md §5)."""
-        self._set(job, phase=phase, status=status, **fields)
+        """A terminal transition; the job's events are archived beside its artifacts (docs/design.md §5).
+
+        The archive is written before the phase changes, so that a job seen as
+        ended has its events stored (a client may stop the services then).
+        """
         self.jobs.event(job, phase, message)
         events = self.jobs.events(job, count=1_000_000)
         self.store.put(f"jobs/{job}/events.jsonl", "".join(json.dumps(e) + "\n" for e in events).encode())
+        self._set(job, phase=phase, status=status, **fields)
 
     def _enter_stage(self, job: str, v: JobView, stage: int) -> None:
         if needs_projection(v.spec, stage):
