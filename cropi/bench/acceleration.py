@@ -27,12 +27,14 @@ stage 0's influence selection (identical for `cropi` and `influence_once`,
 which start from the same policy). The copy carries the measured cost, so
 each selector is still charged for it.
 
-Each run keeps its folder: a finished run is read back, an interrupted one
-resumes where it stopped, so the bench can span sessions.
+A finished run leaves a small record under `OUT/records/` that later calls
+read back; an interrupted run resumes in its folder; so the bench can span
+sessions (`finished_record`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import statistics
@@ -210,6 +212,19 @@ def _curve(runs: list[dict], which: str, seeds: Sequence[int] | None = None) -> 
     return mean_curve([list(zip(r["steps"], r[which])) for r in chosen])
 
 
+def _curves_of(per_seed: dict[str, list[dict]]):
+    """Seed-mean targeted curves of a resample, computed once per (selector, resample).
+
+    Every interval bootstraps the same seeded resamples, so each statistic
+    would otherwise recompute the same means thousands of times.
+    """
+    @functools.lru_cache(maxsize=None)
+    def curve(name: str, seeds: tuple[int, ...] | None) -> list[tuple[float, float]]:
+        return _curve(per_seed[name], "targeted", seeds)
+
+    return lambda name, seeds=None: curve(name, None if seeds is None else tuple(seeds))
+
+
 def _never_is_zero(full: float | None, selector: float | None) -> float | None:
     """An acceleration for the bootstrap: a selector that never gets there is 0x, full never: inf."""
     if selector is None or selector == 0:
@@ -225,28 +240,30 @@ def summarize(per_seed: dict[str, list[dict]], metric: str, budget: int) -> dict
     if any(len(runs) != n for runs in per_seed.values()):
         raise ValueError("every selector must have run the same seeds")
 
+    targeted = _curves_of(per_seed)
+
     def base(seeds=None) -> float:
-        return _curve(per_seed["full"], "targeted", seeds)[0][1]
+        return targeted("full", seeds)[0][1]
 
     def full_final(seeds=None) -> float:
-        return _curve(per_seed["full"], "targeted", seeds)[-1][1]
+        return targeted("full", seeds)[-1][1]
 
     def level(q: float, seeds=None) -> float:
         return gain_level(base(seeds), full_final(seeds), q)
 
     def reach(name: str, target: float, seeds=None) -> float | None:
-        return steps_to_target(_curve(per_seed[name], "targeted", seeds), target)
+        return steps_to_target(targeted(name, seeds), target)
 
     def area(name: str, seeds=None) -> float:
-        return gain_area(_curve(per_seed[name], "targeted", seeds), base(seeds), budget)
+        return gain_area(targeted(name, seeds), base(seeds), budget)
 
     def own_final(name: str, seeds=None) -> float:
-        return value_at(_curve(per_seed[name], "targeted", seeds), budget)
+        return value_at(targeted(name, seeds), budget)
 
     out: dict = {"metric": metric, "budget_steps": budget, "base": base(), "full_final": full_final(),
                  "levels": {f"{int(q * 100)}%": level(q) for q in LEVELS}, "selectors": {}}
     for name, runs in per_seed.items():
-        mean = _curve(runs, "targeted")
+        mean = targeted(name)
         steps = [s for s, _ in mean]
         entry: dict = {
             "final_targeted": _spread(value_at(list(zip(r["steps"], r["targeted"])), budget) for r in runs),
