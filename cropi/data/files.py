@@ -83,7 +83,7 @@ def _parquet_rows(p: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(p)
+        table = pq.read_table(p, use_threads=False)  # see influence/offline.py _decode: the pool can abort at exit
     except Exception as e:  # pyarrow raises several types for a corrupt/non-parquet file
         raise InputError(f"data file {p}: cannot read as parquet ({e})") from None
     for i, row in enumerate(table.to_pylist()):
