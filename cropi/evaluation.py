@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from cropi.data.types import Prompt
-from cropi.data.verifiers import reward
+from cropi.data.rewards import reward
 from cropi.rollout.base import RolloutEngine, SamplingParams
 
 

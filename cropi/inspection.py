@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from cropi.curriculum import layout
+from cropi.curriculum.influence import POOL
 from cropi.data.sources import JobData, load_job_data
 from cropi.data.types import Prompt
 from cropi.errors import InputError
@@ -46,13 +48,13 @@ def load_run_selections(run_dir: Path) -> RunSelections:
     store = LocalStore(run_dir / "store")
     stages = {}
     for stage in range(spec.curriculum.stages):
-        key = f"jobs/{spec.name}/stages/{stage}/selection.json"
+        key = layout.selection_key(spec.name, stage)
         if store.exists(key):
             stages[stage] = json.loads(store.get(key))
     if not stages:
-        raise InputError(f"{run_dir}: the run has no stored selections yet (store/jobs/{spec.name}/stages/*/selection.json)")
+        raise InputError(f"{run_dir}: the run has no stored selections yet (store/{layout.selection_key(spec.name, 0).replace('/0/', '/*/')})")
     data = load_job_data(spec)
-    groups = load_offline(store, spec.name, "pool")
+    groups = load_offline(store, layout.offline_prefix(spec.name, POOL))
     if groups:
         pass_rates = {g.prompt_id: g.pass_rate for g in groups}
         eligible = {g.prompt_id for g in groups if g.eligible}

@@ -25,6 +25,7 @@ import kopf
 from cropi.client import ControllerClient, response_detail
 from cropi.crd import GROUP, PLURAL, VERSION, job_spec_of
 from cropi.errors import InputError
+from cropi.runtime.jobs import Phase
 from cropi.spec import JobSpec
 
 FINALIZER = f"{GROUP}/cancel-job"
@@ -37,7 +38,7 @@ INVALID, CONFLICT, UNKNOWN = "Invalid", "Conflict", "Unknown"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 # Every non-terminal controller phase other than "queued" is work in progress
 # (offline, project, select, train, and any stage kind added later).
-_PHASES = {"queued": QUEUED, "done": SUCCEEDED, "failed": FAILED, "cancelled": CANCELLED}
+_PHASES = {Phase.QUEUED: QUEUED, Phase.DONE: SUCCEEDED, Phase.FAILED: FAILED, Phase.CANCELLED: CANCELLED}
 
 Status = dict[str, Any]
 

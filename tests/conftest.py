@@ -18,7 +18,7 @@ TEST_MODEL = "builtin:tiny-arith?sft_steps=30&sft_batch=64"
 
 def cli_command(*args: str) -> list[str]:
     """The `cropi` command line, run with this interpreter."""
-    return [sys.executable, "-m", "cropi.cli", *args]
+    return [sys.executable, "-m", "services.cli", *args]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -46,14 +46,18 @@ def tiny_model(cropi_cache: Path):
     return load_policy(TEST_MODEL)
 
 
+def stand_in_verifier(response: str, reference: str) -> float:
+    """The barely trained test model solves nothing; this deterministic stand-in for the
+    built-in tasks' `int` verifier gives mixed rewards, so that selection has something to choose."""
+    return float(sum(map(ord, response)) % 3 == 0)
+
+
 @pytest.fixture
-def mixed_rewards(monkeypatch):
-    # The barely trained test model solves nothing; a deterministic stand-in
-    # verifier gives mixed rewards so that selection has something to choose.
-    fake = lambda p, text: float(sum(map(ord, text)) % 3 == 0)  # noqa: E731
-    monkeypatch.setattr("cropi.influence.offline.reward", fake)
-    monkeypatch.setattr("cropi.curriculum.policy.reward", fake)
-    monkeypatch.setattr("cropi.evaluation.reward", fake)
+def mixed_rewards():
+    from cropi.data.rewards import register_verifier
+
+    with register_verifier("int", stand_in_verifier):
+        yield
 
 
 @pytest.fixture
@@ -84,7 +88,7 @@ def embedded_reference(tmp_path_factory, tiny_model):
     """`cropi run` of the services' test job: what the services must reproduce."""
     from rich.console import Console
 
-    from cropi.curriculum.runner import run_job
+    from cropi.embedded import run_job
     from cropi.spec import parse_spec
 
     from .services import JOB
@@ -108,7 +112,7 @@ def cluster(redis_server, tmp_path, tiny_model):
 def ray_local():
     """One local Ray for the test session (6 logical CPUs on 2 cores: actors mostly wait on each other)."""
     ray = pytest.importorskip("ray", reason="the Ray executor needs the `ray` extra")
-    from cropi.distributed.ray_runtime import init_ray, shutdown_ray
+    from cropi.executors.ray.cluster import init_ray, shutdown_ray
 
     init_ray(num_cpus=6)
     yield ray

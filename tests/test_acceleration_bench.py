@@ -14,46 +14,36 @@ from cropi.bench.acceleration import (
     run_record,
     summarize,
 )
-from cropi.curriculum.runner import run_job
+from cropi.data.rewards import register_verifier
+from cropi.embedded import run_job
 from cropi.spec import load_spec, parse_spec
 
-from .conftest import TEST_MODEL, run_cli
+from .conftest import run_cli, stand_in_verifier
+from .jobs import tiny_job
 
 TINY = Schedule(seeds=2, stages=2, steps_per_stage=2, full_steps=6, eval_every=2)
 
 
 def write_job(path):
-    path.write_text(json.dumps({
-        "name": "accel-test",
-        "model": {"path": TEST_MODEL},
-        "data": {
-            "pool": {"source": "builtin:arith?digits=1-2", "size": 40},
-            "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 8}],
-            "untargeted": [{"name": "max1", "source": "builtin:arith?skills=max&digits=1", "size": 8}],
-        },
-        "rollout": {"n": 4, "max_new_tokens": 4},
-        "offline": {"n_pool": 4, "n_valid": 4},
-        "rl": {"batch_prompts": 2},
-        "curriculum": {"select_ratio": 0.25},
-        "influence": {"proj_dim": 128, "max_valid_prompts": 4},
-        "eval": {"samples": 2},
-    }))
+    path.write_text(json.dumps(tiny_job(
+        name="accel-test",
+        data={"pool": {"source": "builtin:arith?digits=1-2", "size": 40},
+              "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 8}],
+              "untargeted": [{"name": "max1", "source": "builtin:arith?skills=max&digits=1", "size": 8}]},
+        curriculum={"select_ratio": 0.25},
+        eval={"samples": 2},
+    )))
     return path
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, tiny_model):
-    # Module-scoped so the six runs happen once; the reward stand-in is set by hand
-    # (monkeypatch is function-scoped). Same stand-in as conftest.mixed_rewards.
-    mp = pytest.MonkeyPatch()
-    fake = lambda p, text: float(sum(map(ord, text)) % 3 == 0)  # noqa: E731
-    for target in ("cropi.influence.offline.reward", "cropi.curriculum.policy.reward", "cropi.evaluation.reward"):
-        mp.setattr(target, fake)
+    # Module-scoped so the six runs happen once, on the stand-in verifier of conftest.mixed_rewards.
     out = tmp_path_factory.mktemp("accel")
     job = write_job(out / "job.yaml")
-    report = run_acceleration_bench(job, out, Console(quiet=True), schedule=TINY)
+    with register_verifier("int", stand_in_verifier):
+        report = run_acceleration_bench(job, out, Console(quiet=True), schedule=TINY)
     yield out, report
-    mp.undo()
 
 
 def test_report_has_the_protocol_fields_for_every_selector(bench):

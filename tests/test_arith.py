@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from cropi.data import arith
-from cropi.data.verifiers import reward
+from cropi.data.rewards import reward
 from cropi.errors import InputError
 
 

@@ -11,20 +11,20 @@ import yaml
 
 from cropi.runtime.redis_server import free_port
 
-from .conftest import TEST_MODEL, cli_command
+from .conftest import cli_command
+from .jobs import tiny_job
 from .services import TOKEN
 
-SMALL = {
-    "name": "cli-job",
-    "model": {"path": TEST_MODEL},
-    "data": {"pool": {"source": "builtin:arith?digits=1", "size": 16},
-             "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 4}]},
-    "rollout": {"n": 2, "max_new_tokens": 4},
-    "rl": {"batch_prompts": 2},
-    "curriculum": {"selector": "full", "stages": 1, "steps_per_stage": 2},
-    "eval": {"every": 2, "samples": 0},
-}
-
+SMALL = tiny_job(
+    name="cli-job",
+    data={"pool": {"source": "builtin:arith?digits=1", "size": 16},
+          "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 4}]},
+    rollout={"n": 2, "max_new_tokens": 4},
+    offline=None,
+    curriculum={"selector": "full", "stages": 1, "steps_per_stage": 2},
+    influence=None,
+    eval={"every": 2, "samples": 0},
+)
 
 def cropi(*args, controller=None, token=TOKEN, cwd=None):
     env = {k: v for k, v in os.environ.items() if k not in ("CROPI_CONTROLLER", "CROPI_TOKEN", "CROPI_TOKEN_FILE")}

@@ -5,27 +5,15 @@ import json
 import pytest
 from rich.console import Console
 
-from cropi.curriculum.runner import run_job
+from cropi.embedded import run_job
 from cropi.spec import parse_spec
 
-from .conftest import TEST_MODEL
+from .jobs import tiny_job
 
 
 def job(selector: str) -> dict:
-    return {
-        "name": f"cur-{selector.replace('_', '-')}",
-        "model": {"path": TEST_MODEL},
-        "data": {
-            "pool": {"source": "builtin:arith?digits=1-2", "size": 40},
-            "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 8}],
-        },
-        "rollout": {"n": 4, "max_new_tokens": 4},
-        "offline": {"n_pool": 4, "n_valid": 4},
-        "rl": {"batch_prompts": 2},
-        "curriculum": {"selector": selector, "stages": 2, "steps_per_stage": 2, "select_ratio": 0.25},
-        "influence": {"proj_dim": 128, "max_valid_prompts": 4},
-        "eval": {"every": 100, "samples": 0},
-    }
+    return tiny_job(name=f"cur-{selector.replace('_', '-')}",
+                    curriculum={"selector": selector, "stages": 2, "steps_per_stage": 2, "select_ratio": 0.25})
 
 
 def selections(run_dir, name):

@@ -1,7 +1,7 @@
 """DAPO / verl dynamic sampling (selector `dynamic`): flat groups are dropped
 and further batches are drawn until the batch is full."""
 
-from cropi.curriculum.policy import mixed_groups, sample_step
+from cropi.curriculum.sampling import mixed_groups, sample_step
 from cropi.data.types import Prompt
 from cropi.rollout.base import Trajectory
 from cropi.spec import parse_spec

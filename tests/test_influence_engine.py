@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cropi.data.sources import load_job_data
-from cropi.influence.engine import InfluenceEngine
+from cropi.curriculum.influence import InfluenceEngine
 from cropi.rollout.hf import HFRolloutEngine
 from cropi.runtime.store import LocalStore
 from cropi.spec import parse_spec
@@ -28,11 +28,9 @@ def spec():
     })
 
 
-def test_scores_are_stored_per_part_and_resumed_without_recomputation(spec, tiny_model, tmp_path, monkeypatch):
+def test_scores_are_stored_per_part_and_resumed_without_recomputation(spec, tiny_model, tmp_path, mixed_rewards,
+                                                                      monkeypatch):
     model, tok = tiny_model
-    # The barely trained test model solves almost nothing; a deterministic
-    # stand-in verifier gives mixed rewards so that every code path runs.
-    monkeypatch.setattr("cropi.influence.offline.reward", lambda p, text: float(sum(map(ord, text)) % 3 == 0))
     store = LocalStore(tmp_path)
     data = load_job_data(spec)
     engine = InfluenceEngine(spec, store, model, tok, part_size=16)

@@ -5,33 +5,25 @@ import json
 import pytest
 from rich.console import Console
 
-from cropi.curriculum.runner import run_job
+from cropi.data.rewards import register_verifier
+from cropi.embedded import run_job
 from cropi.spec import parse_spec
 
-from .conftest import TEST_MODEL, run_cli
+from .conftest import run_cli, stand_in_verifier
+from .jobs import tiny_job
 
 
 @pytest.fixture(scope="module")
 def cropi_run(tmp_path_factory, tiny_model):
-    mp = pytest.MonkeyPatch()
-    fake = lambda p, text: float(sum(map(ord, text)) % 3 == 0)  # noqa: E731  (as conftest.mixed_rewards)
-    for target in ("cropi.influence.offline.reward", "cropi.curriculum.policy.reward", "cropi.evaluation.reward"):
-        mp.setattr(target, fake)
-    spec = parse_spec({
-        "name": "inspect-me",
-        "model": {"path": TEST_MODEL},
-        "data": {"pool": {"source": "builtin:arith?skills=add,rev&digits=1-2", "size": 40},
-                 "validation": [{"name": "rev2", "source": "builtin:arith?skills=rev&digits=2", "size": 8}]},
-        "rollout": {"n": 4, "max_new_tokens": 4},
-        "offline": {"n_pool": 4, "n_valid": 4},
-        "rl": {"batch_prompts": 2},
-        "curriculum": {"selector": "cropi", "stages": 2, "steps_per_stage": 1, "select_ratio": 0.25},
-        "influence": {"proj_dim": 128, "max_valid_prompts": 4},
-        "eval": {"every": 100, "samples": 0},
-    })
+    spec = parse_spec(tiny_job(
+        name="inspect-me",
+        data={"pool": {"source": "builtin:arith?skills=add,rev&digits=1-2", "size": 40},
+              "validation": [{"name": "rev2", "source": "builtin:arith?skills=rev&digits=2", "size": 8}]},
+        curriculum={"selector": "cropi", "stages": 2, "steps_per_stage": 1, "select_ratio": 0.25},
+    ))
     run_dir = tmp_path_factory.mktemp("inspect") / "run"
-    run_job(spec, run_dir, Console(quiet=True))
-    mp.undo()
+    with register_verifier("int", stand_in_verifier):
+        run_job(spec, run_dir, Console(quiet=True))
     return run_dir, spec
 
 

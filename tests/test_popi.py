@@ -2,10 +2,12 @@
 
 import copy
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
 
+from cropi.curriculum.layout import offline_part_key, offline_prefix
 from cropi.data import arith
 from cropi.influence.offline import OfflineGroup, collect_offline, load_offline
 from cropi.influence.popi import (
@@ -28,9 +30,9 @@ def offline_groups(tiny_model, tmp_path_factory):
     model, tok = tiny_model
     store = LocalStore(tmp_path_factory.mktemp("store"))
     prompts = arith.generate(24, seed="popi", skills=("add", "mul"), digits=(1, 2))
-    collect_offline(HFRolloutEngine(model, tok), store, "job", "pool", prompts, n=8,
-                    temperature=TEMPERATURE, max_new_tokens=6, seed=0, part_size=10)
-    return load_offline(store, "job", "pool")
+    collect_offline(HFRolloutEngine(model, tok), store, partial(offline_part_key, "job", "pool"), "pool", prompts,
+                    n=8, temperature=TEMPERATURE, max_new_tokens=6, seed=0, part_size=10)
+    return load_offline(store, offline_prefix("job", "pool"))
 
 
 def mixed(groups):
@@ -122,15 +124,16 @@ def test_offline_parts_are_resumable_and_deterministic(tiny_model, tmp_path):
     prompts = arith.generate(12, seed="resume")
     a, b = LocalStore(tmp_path / "a"), LocalStore(tmp_path / "b")
     kwargs = dict(n=4, temperature=TEMPERATURE, max_new_tokens=5, seed=3, part_size=5)
-    assert collect_offline(engine, a, "j", "pool", prompts, **kwargs) == 3
-    assert collect_offline(engine, a, "j", "pool", prompts, **kwargs) == 0  # nothing redone
+    keys = partial(offline_part_key, "j", "pool")
+    assert collect_offline(engine, a, keys, "pool", prompts, **kwargs) == 3
+    assert collect_offline(engine, a, keys, "pool", prompts, **kwargs) == 0  # nothing redone
     # Another store that lost part 1 redoes only that part, with identical bytes.
-    collect_offline(engine, b, "j", "pool", prompts, **kwargs)
+    collect_offline(engine, b, keys, "pool", prompts, **kwargs)
     key = "jobs/j/offline/pool/part-00001.parquet"
     (tmp_path / "b" / key).unlink()
-    assert collect_offline(engine, b, "j", "pool", prompts, **kwargs) == 1
+    assert collect_offline(engine, b, keys, "pool", prompts, **kwargs) == 1
     assert a.get(key) == b.get(key)
-    groups = load_offline(a, "j", "pool")
+    groups = load_offline(a, offline_prefix("j", "pool"))
     assert [g.prompt_id for g in groups] == [p.id for p in prompts]
     assert all(len(g.response_ids) == 4 and len(g.rewards) == 4 for g in groups)
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 
-import cropi.influence.offline as offline
 from cropi.bench.precision import run_precision_bench, spearman
 from tests.conftest import TEST_MODEL
 
@@ -14,10 +13,7 @@ def test_spearman_matches_hand_values():
     assert abs(spearman(np.array([1.0, 2.0, 2.0]), np.array([1.0, 2.0, 3.0])) - np.sqrt(3) / 2) < 1e-12
 
 
-def test_precision_bench_tiny(monkeypatch):
-    # The barely trained test model solves almost nothing: a deterministic
-    # stand-in reward gives mixed groups.
-    monkeypatch.setattr(offline, "reward", lambda p, text: float(sum(map(ord, text)) % 3 == 0))
+def test_precision_bench_tiny(mixed_rewards):
     kwargs = dict(model_path=TEST_MODEL, pool_size=60, valid_size=20, ratios=(0.1, 1.0),
                   dims=(256, 4096), seeds=1, dense_dims=())
     out = run_precision_bench(**kwargs)

@@ -14,12 +14,9 @@ import pytest
 import torch
 
 from cropi.influence._kernels import GOLDEN, mix64_py
-from cropi.influence.projection import (
-    DenseGaussianProjector,
-    SparseProjector,
-    _project_torch,
-    name_hash,
-)
+from cropi.influence.projection import DenseGaussianProjector, SparseProjector, name_hash
+
+from .projection_reference import _project_torch
 
 
 def _params(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from cropi.curriculum.controller import PROJECT, project_task_id, spec_key
-from cropi.curriculum.workers import JobCache, handle_project
+from cropi.curriculum.layout import spec_key
+from cropi.executors.inline import InlineExecutor, JobCache
+from cropi.data.rewards import register_verifier
 from cropi.data.sources import load_job_data
-from cropi.influence.engine import InfluenceEngine
+from cropi.curriculum.influence import InfluenceEngine
 from cropi.runtime.store import LocalStore
+from cropi.runtime.tasks import ProjectTask, TaskContext, TaskKind, project_task_id
 from cropi.spec import parse_spec
 
-from .conftest import TEST_MODEL
+from .conftest import TEST_MODEL, stand_in_verifier
 
 pytest.importorskip("ray", reason="the projection pool needs the `ray` extra")
 
@@ -52,10 +54,7 @@ def offline_store(tmp_path_factory, tiny_model) -> Path:
     spec = parse_spec(SPEC)
     store.put(spec_key(JOB), spec.to_yaml().encode())
     model, tok = tiny_model
-    with pytest.MonkeyPatch.context() as mp:
-        # The barely trained test model solves nothing; a deterministic stand-in verifier
-        # gives mixed rewards, so that parts hold real gradients.
-        mp.setattr("cropi.influence.offline.reward", lambda p, text: float(sum(map(ord, text)) % 3 == 0))
+    with register_verifier("int", stand_in_verifier):  # mixed rewards: parts hold real gradients
         InfluenceEngine(spec, store).collect_offline(HFRolloutEngine(model, tok), load_job_data(spec))
     return root
 
@@ -74,13 +73,13 @@ def inline_grads(offline_store, stage_parts, tmp_path_factory) -> dict[str, byte
 
     root = tmp_path_factory.mktemp("inline")
     shutil.copytree(offline_store, root, dirs_exist_ok=True)
-    cache = JobCache(LocalStore(root))
+    inline = InlineExecutor(JobCache(LocalStore(root)))
     threads = torch.get_num_threads()
     # One thread, as in the pool's actors: the same computation (and no threads spinning on busy cores).
     torch.set_num_threads(1)
     try:
         for set_name, part in stage_parts:
-            handle_project(cache, None, {"job": JOB, "stage": 0, "set": set_name, "part": part}, lambda: None)
+            inline.project(ProjectTask(JOB, 0, set_name, part), TaskContext(jobs=None))
     finally:
         torch.set_num_threads(threads)
     return _objects(root)
@@ -101,7 +100,7 @@ def pool_store(offline_store, tmp_path_factory) -> LocalStore:
 @pytest.fixture(scope="module")
 def warm_pool(ray_local, pool_store):
     """One 2-actor pool for the module: actors start and load the stage once (seconds each on 2 cores)."""
-    from cropi.distributed.projection_pool import ProjectionPool
+    from cropi.executors.ray.projection_pool import ProjectionPool
 
     with ProjectionPool(pool_store.url, actors=2) as pool:
         yield pool
@@ -148,18 +147,20 @@ def test_an_actor_killed_while_projecting_is_replaced_and_its_part_redone(ray_lo
 
 def test_a_projector_service_runs_a_ray_jobs_tasks_on_the_pool(ray_local, redis_server, pool_store, stage_parts,
                                                                inline_grads):
-    from cropi.curriculum.workers import Worker
+    from cropi.executors import JobExecutors
     from cropi.runtime.jobs import JobRegistry
     from cropi.runtime.queue import TaskBus
+    from cropi.runtime.worker import Worker
 
     client = redis_server.client()
     bus = TaskBus(client, visibility_timeout_s=5)
     ids = [project_task_id(JOB, 0, s, i) for s, i in stage_parts]
     for task_id, (set_name, part) in zip(ids, stage_parts):
-        bus.submit(PROJECT, task_id, {"job": JOB, "stage": 0, "set": set_name, "part": part})
+        bus.submit(TaskKind.PROJECT, task_id, {"job": JOB, "stage": 0, "set": set_name, "part": part})
 
     # `cropi serve projector --parallel 2`: two tasks claimed at once, run on the job's pool.
-    service = Worker([PROJECT], bus, JobRegistry(client), pool_store, "pool-projector", parallel=2)
+    executors = JobExecutors(pool_store)
+    service = Worker([TaskKind.PROJECT], bus, JobRegistry(client), executors, "pool-projector", parallel=2)
     stop = threading.Event()
     runner = threading.Thread(target=service.run, args=(stop,))
     runner.start()
@@ -168,15 +169,15 @@ def test_a_projector_service_runs_a_ray_jobs_tasks_on_the_pool(ray_local, redis_
     finally:
         stop.set()
         runner.join()
-        service.close()
+        executors.close()
 
     assert [(r["set"], r["part"]) for r in map(results.get, ids)] == stage_parts
     assert _objects(pool_store.root) == inline_grads
-    assert bus.depth(PROJECT) == {"waiting": 0, "pending": 0}
+    assert bus.depth(TaskKind.PROJECT) == {"waiting": 0, "pending": 0}
 
 
 def test_a_part_whose_actors_keep_dying_is_reported_by_name(ray_local, tmp_path):
-    from cropi.distributed.projection_pool import PoolError, ProjectionPool
+    from cropi.executors.ray.projection_pool import PoolError, ProjectionPool
 
     # A store that cannot be opened kills every actor at start-up (a deterministic stand-in
     # for a part that crashes its actor each time).

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from cropi.curriculum.runner import run_job
+from cropi.embedded import run_job
 from cropi.runtime.redis_server import free_port
 from cropi.spec import parse_spec
 

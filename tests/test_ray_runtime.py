@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("ray", reason="the Ray executor needs the `ray` extra")
 
-from cropi.distributed import ray_runtime  # noqa: E402
+from cropi.executors.ray import cluster as ray_runtime  # noqa: E402
 
 
 class FakeRay:

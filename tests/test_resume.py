@@ -11,21 +11,19 @@ from pathlib import Path
 
 import yaml
 
-from .conftest import TEST_MODEL, cli_command, run_cli
+from .conftest import cli_command, run_cli
+from .jobs import tiny_job
 
-JOB = {
-    "name": "resume-test",
-    "model": {"path": TEST_MODEL},
-    "data": {
-        "pool": {"source": "builtin:arith?digits=1-2", "size": 48},
-        "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 8}],
-    },
-    "rollout": {"n": 8, "max_new_tokens": 6},
-    "offline": {"n_pool": 4, "n_valid": 4},
-    "rl": {"batch_prompts": 8, "warmup_steps": 2},
-    "curriculum": {"selector": "learnability", "stages": 2, "steps_per_stage": 6, "select_ratio": 0.5},
-    "eval": {"every": 4, "samples": 2},
-}
+JOB = tiny_job(
+    name="resume-test",
+    data={"pool": {"source": "builtin:arith?digits=1-2", "size": 48},
+          "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 8}]},
+    rollout={"n": 8, "max_new_tokens": 6},
+    rl={"batch_prompts": 8, "warmup_steps": 2},
+    curriculum={"selector": "learnability", "stages": 2, "steps_per_stage": 6, "select_ratio": 0.5},
+    influence=None,
+    eval={"every": 4, "samples": 2},
+)
 TIMING = {"rollout_s", "train_s", "seconds"}  # measurements, not results
 
 

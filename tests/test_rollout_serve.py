@@ -25,12 +25,12 @@ pytest.importorskip("ray", reason="the rollout service needs the `ray` extra")
 
 from ray import serve
 
-from cropi.distributed.rollout_replica import (
+from cropi.executors.ray.replica import (
     HFReplicaEngine,
     RolloutConfig,
     RolloutReplica,
 )
-from cropi.distributed.rollout_serve import (
+from cropi.executors.ray.rollout_serve import (
     ServeRolloutEngine,
     start_rollout_service,
     stop_rollout_service,
@@ -135,7 +135,7 @@ def test_a_malformed_request_is_refused_with_the_reason(service):
 
 
 def test_weights_from_the_store_change_what_the_replica_scores_and_samples(weights_service, tiny_model, tmp_path):
-    from cropi.distributed.weight_sync import publish_weights
+    from cropi.executors.ray.weight_sync import publish_weights
     from cropi.runtime.store import LocalStore
 
     model, tok = tiny_model
@@ -173,8 +173,8 @@ def test_a_request_for_newer_weights_waits_for_them(weights_service, tiny_model)
 def test_replicas_follow_the_trainers_broadcasts_announced_on_the_weight_board(weights_service, tiny_model):
     import ray
 
-    from cropi.distributed.weight_channel import get_or_create_board, node_address
-    from cropi.distributed.weight_sync import SyncGroup, send_weights
+    from cropi.executors.ray.weight_channel import get_or_create_board, node_address
+    from cropi.executors.ray.weight_sync import SyncGroup, send_weights
     from cropi.runtime.redis_server import free_port
 
     model, tok = tiny_model

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from cropi.influence.gradstore import grads_key, load_projected, save_projected
+from cropi.curriculum.layout import grads_key
+from cropi.influence.gradstore import load_projected, save_projected
 from cropi.influence.popi import ProjectedGradients
 from cropi.influence.scoring import choose_target_prompts, cosine_scores, target_vector
 from cropi.runtime.store import LocalStore

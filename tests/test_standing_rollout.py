@@ -23,15 +23,15 @@ pytest.importorskip("ray", reason="the rollout service needs the `ray` extra")
 
 from ray import serve
 
-from cropi.curriculum.workers import Deferred
-from cropi.distributed import standing_rollout
-from cropi.distributed.rollout_replica import HFReplicaEngine, RolloutReplica
-from cropi.distributed.rollout_serve import (
+from cropi.runtime.tasks import Deferred
+from cropi.executors.ray import standing_rollout
+from cropi.executors.ray.replica import HFReplicaEngine, RolloutReplica
+from cropi.executors.ray.rollout_serve import (
     ServeRolloutEngine,
     run_app,
     stop_rollout_service,
 )
-from cropi.distributed.weight_sync import named_weights
+from cropi.executors.ray.weight_sync import named_weights
 
 APP = "cropi-rollout-standing-test"
 PROMPTS = ["1+2=", "max(12,3456)=", "rev(98)="]
@@ -120,8 +120,8 @@ def jobs(redis_server):
 def test_jobs_take_turns_on_the_app_and_each_starts_from_the_base_weights(standing, jobs, tiny_model, tmp_path):
     import ray
 
-    from cropi.distributed.weight_channel import get_or_create_board
-    from cropi.distributed.weight_sync import publish_weights
+    from cropi.executors.ray.weight_channel import get_or_create_board
+    from cropi.executors.ray.weight_sync import publish_weights
     from cropi.runtime.store import LocalStore
 
     model, tok = tiny_model

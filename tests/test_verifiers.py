@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from cropi.data.types import Prompt
-from cropi.data.verifiers import (
+from cropi.data.rewards import (
     VERIFIERS,
     int_verifier,
     math_gold_text,

@@ -32,7 +32,7 @@ needs_vllm = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
 def test_without_vllm_the_engine_refuses_naming_the_gpu_extra():
     if HAS_VLLM:
         pytest.skip("vLLM is installed here: the refusal cannot happen")
-    from cropi.distributed.rollout_replica import RolloutConfig, build_replica
+    from cropi.executors.ray.replica import RolloutConfig, build_replica
     from cropi.rollout.vllm import VLLMRolloutEngine
 
     with pytest.raises(InputError, match=r"pip install 'cropi\[gpu\]'"):

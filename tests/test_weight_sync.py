@@ -55,7 +55,7 @@ def _trainer_rank(rank: int, dist_port: int, sync_port: int, store_root: str, re
     import deepspeed
     import torch.distributed as dist
 
-    from cropi.distributed.weight_sync import SyncGroup, publish_weights, send_weights
+    from cropi.executors.ray.weight_sync import SyncGroup, publish_weights, send_weights
     from cropi.models.loading import load_policy
     from cropi.rl.batch import response_logits, token_logprobs
     from cropi.runtime.store import LocalStore
@@ -84,12 +84,9 @@ def _trainer_rank(rank: int, dist_port: int, sync_port: int, store_root: str, re
 
 def _receiver(sync_port: int, results) -> None:
     """A rollout replica on the original weights: receives versions until the sender closes."""
-    from cropi.distributed.weight_sync import (
-        SyncClosed,
-        SyncGroup,
-        hf_apply,
-        receive_weights,
-    )
+    from cropi.executors.ray.weight_sync import SyncClosed, SyncGroup, receive_weights
+
+    from tests.weights import hf_apply
     from cropi.models.loading import load_policy
     from cropi.rollout.hf import HFRolloutEngine
 
@@ -163,9 +160,10 @@ def test_after_a_broadcast_the_replica_scores_a_response_as_the_zero3_trainer_do
 
 
 def test_published_weights_load_into_a_replica_and_form_a_complete_hf_folder(zero3_sync):
-    from cropi.distributed.weight_sync import load_published_weights
     from cropi.models.loading import load_policy
     from cropi.runtime.store import LocalStore
+
+    from tests.weights import load_published_weights
 
     trainer, _, store_root = zero3_sync
     expected = torch.tensor(trainer["logprobs"])
@@ -179,7 +177,7 @@ def test_published_weights_load_into_a_replica_and_form_a_complete_hf_folder(zer
 
 def test_every_receiver_gets_every_version_and_a_full_group_refuses_more(tiny_model):
     """A plain (non-ZeRO) sender in this process, two replica processes."""
-    from cropi.distributed.weight_sync import SyncGroup, send_weights
+    from cropi.executors.ray.weight_sync import SyncGroup, send_weights
     from cropi.models.loading import load_policy
     from cropi.runtime.redis_server import free_port
 
@@ -214,7 +212,7 @@ def test_every_receiver_gets_every_version_and_a_full_group_refuses_more(tiny_mo
 
 
 def test_a_received_weight_the_local_model_lacks_is_an_error(tiny_model):
-    from cropi.distributed.weight_sync import hf_apply
+    from tests.weights import hf_apply
 
     model, _ = tiny_model
     with pytest.raises(KeyError, match="not.a.weight"):
@@ -222,7 +220,7 @@ def test_a_received_weight_the_local_model_lacks_is_an_error(tiny_model):
 
 
 def test_buckets_stay_within_their_size_unless_one_tensor_alone_is_larger():
-    from cropi.distributed.weight_sync import gathered_buckets
+    from cropi.executors.ray.weight_sync import gathered_buckets
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(64, 64), torch.nn.BatchNorm1d(4))
     buckets = [[(name, t.numel() * t.element_size()) for name, t in bucket]

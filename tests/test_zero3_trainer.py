@@ -82,9 +82,11 @@ def zero3_scenario(cfg: dict) -> dict:
     """
     import time
 
-    from cropi.distributed.zero3 import ZeroGRPOTrainer
+    from cropi.executors.ray.stage import export_hf
     from cropi.models.loading import load_policy
+    from cropi.rl.zero3 import ZeroGRPOTrainer
     from cropi.runtime.config import open_store
+    from tests.weights import full_state_dict
 
     store = open_store(cfg["store_url"])
 
@@ -97,7 +99,7 @@ def zero3_scenario(cfg: dict) -> dict:
 
     def step(trainer: ZeroGRPOTrainer) -> tuple[dict, dict | None]:
         stats = trainer.step(cfg["groups"], REWARDS)
-        return stats, trainer.full_state_dict()
+        return stats, full_state_dict(trainer)
 
     trainer, tokenizer = new_trainer(RL)
     t0 = time.perf_counter()
@@ -110,7 +112,7 @@ def zero3_scenario(cfg: dict) -> dict:
     trainer, tokenizer = new_trainer(RL)
     trainer.load_state(store, "trainer/zero")
     steps.append(step(trainer))
-    trainer.export_hf(store, "export", tokenizer)
+    export_hf(trainer, store, "export", tokenizer)
     trainer.reset_optimizer()
     steps.append(step(trainer))
     del trainer
@@ -128,7 +130,7 @@ def zero3_scenario(cfg: dict) -> dict:
 # One Ray Train run for all of these (starting its worker processes takes ~20 s here).
 @pytest.fixture(scope="module")
 def zero3_run(ray_local, groups, tmp_path_factory):
-    from cropi.distributed.ray_trainer import run_on_ray_train
+    from cropi.executors.ray.train_run import run_on_ray_train
 
     store = LocalStore(tmp_path_factory.mktemp("zero3-store"))
     cfg = {"store_url": store.url, "model": resolve_model_path(TEST_MODEL), "groups": groups}
@@ -246,7 +248,7 @@ def test_the_hf_export_loads_with_transformers_and_equals_the_gathered_weights(z
 @pytest.mark.parametrize("n", [1, 2, 7, 9, 16])
 @pytest.mark.parametrize("world_size, micro_batch", [(2, 2), (3, 4), (4, 1)])
 def test_ranks_run_every_sequence_once_in_the_same_number_of_passes(n, world_size, micro_batch):
-    from cropi.distributed.zero3 import micro_batches
+    from cropi.rl.zero3 import micro_batches
 
     plans = [micro_batches(n, rank, world_size, micro_batch) for rank in range(world_size)]
 
@@ -265,7 +267,7 @@ def fail_on_rank_one(cfg: dict) -> None:
 
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_run_with_its_error(ray_local):
-    from cropi.distributed.ray_trainer import run_on_ray_train
+    from cropi.executors.ray.train_run import run_on_ray_train
 
     with pytest.raises(Exception, match="rank one gave up"):
         run_on_ray_train(fail_on_rank_one, {"message": "rank one gave up"}, workers=2)

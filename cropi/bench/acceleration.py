@@ -25,11 +25,8 @@ Shared work is computed once per seed and copied, not recomputed: the
 offline trajectories (identical for every selector that needs them) and
 stage 0's influence selection (identical for `cropi` and `influence_once`,
 which start from the same policy). The copy carries the measured cost, so
-each selector is still charged for it.
-
-A finished run leaves a small record under `OUT/records/` that later calls
-read back; an interrupted run resumes in its folder; so the bench can span
-sessions (`finished_record`).
+each selector is still charged for it. Finished runs leave records that
+resume the bench across sessions (`finished_record`).
 """
 
 from __future__ import annotations
@@ -43,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from cropi.bench.acceleration_math import (
     acceleration,
@@ -54,8 +50,10 @@ from cropi.bench.acceleration_math import (
     steps_to_target,
     value_at,
 )
-from cropi.curriculum.runner import run_job
+from cropi.bench.acceleration_report import plot_acceleration, print_summary
+from cropi.curriculum import layout
 from cropi.curriculum.selectors import NEEDS_INFLUENCE, NEEDS_PASS_RATES
+from cropi.embedded import run_job
 from cropi.errors import InputError
 from cropi.evaluation import targeted_mean
 from cropi.runtime.store import LocalStore
@@ -136,12 +134,12 @@ def _share_from_cropi(seed_dir: Path, spec: JobSpec) -> None:
             or (run_dir / "store").exists()):
         return
     job = spec.name
-    prefixes = [f"jobs/{job}/offline"]
+    prefixes = [layout.offline_prefix(job)]
     if spec.curriculum.selector == "influence_once":
-        prefixes.append(f"jobs/{job}/stages/0")
+        prefixes.append(layout.stage_prefix(job, 0))
     _copy_keys(donor, run_dir, prefixes)
     if spec.curriculum.selector == "influence_once":
-        store, key = LocalStore(run_dir / "store"), f"jobs/{job}/stages/0/selection.json"
+        store, key = LocalStore(run_dir / "store"), layout.selection_key(job, 0)
         if store.exists(key):
             record = json.loads(store.get(key))
             record.update(selector="influence_once", note="stage 0 scores shared with this seed's cropi run")
@@ -170,9 +168,9 @@ def run_record(run_dir: Path, spec: JobSpec, metric: str) -> dict:
     job, sps = spec.name, spec.curriculum.steps_per_stage
     offline_s = 0.0
     if spec.curriculum.selector in NEEDS_OFFLINE:
-        offline_s = (_stored_json(store, f"jobs/{job}/offline/timing.json") or {}).get("seconds", 0.0)
+        offline_s = (_stored_json(store, layout.offline_timing_key(job)) or {}).get("seconds", 0.0)
     select_s = [
-        (_stored_json(store, f"jobs/{job}/stages/{s}/selection.json") or {}).get("seconds", 0.0)
+        (_stored_json(store, layout.selection_key(job, s)) or {}).get("seconds", 0.0)
         for s in range(spec.curriculum.stages)
     ]
     steps = sorted(evals)
@@ -334,44 +332,6 @@ def _wall_at(curves: dict, step: float | None) -> float | None:
     return value_at(list(zip(curves["steps"], curves["wallclock_s_mean"])), step)
 
 
-def plot_acceleration(report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("targeted", "step"), ("untargeted", "step"), ("targeted", "wall-clock (s)")]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    for ax, (which, x_label) in zip(axes, panels):
-        for name, entry in report["selectors"].items():
-            c = entry["curves"]
-            ys = c.get(f"{which}_mean")
-            if ys is None:
-                continue
-            xs = c["steps"] if x_label == "step" else c["wallclock_s_mean"]
-            line, = ax.plot(xs, ys, marker=".", ms=3, label=name, lw=2.4 if name == "cropi" else 1.1,
-                            ls="--" if name == "full" else "-")
-            if which == "targeted" and x_label == "step":
-                lo = [m - s for m, s in zip(ys, c["targeted_std"])]
-                hi = [m + s for m, s in zip(ys, c["targeted_std"])]
-                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.10)
-        if which == "targeted" and x_label == "step":
-            for label, y in report["levels"].items():
-                ax.axhline(y, color="gray", ls=":", lw=0.8)
-                ax.annotate(f"{label} of full's gain", (0, y), fontsize=7, color="gray", va="bottom")
-            ax.axvline(report["budget_steps"], color="black", lw=0.6, alpha=0.5)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(f"{which} {report['metric']}")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"acceleration benchmark ({report['seeds']} paired seeds; selectors {report['budget_steps']} steps, "
-                 f"full {report['schedule']['full_steps']}; band: ±1 std over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def finished_record(out: Path, seed: int, spec: JobSpec, metric: str, console: Console) -> dict:
     """The run record of one (seed, selector): run or resume it, or read back a kept record.
 
@@ -438,40 +398,3 @@ def run_acceleration_bench(job: Path, out: Path, console: Console, seeds: int | 
     plot_acceleration(report, out / "acceleration.png")
     print_summary(report, console)
     return report
-
-
-def _fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
-    return "never" if value is None else f"{value:{spec}}{suffix}"
-
-
-def _fmt_ci(ci: list[float] | None, suffix: str = "x") -> str:
-    return "-" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]{suffix}"
-
-
-def print_summary(report: dict, console: Console) -> None:
-    levels = ", ".join(f"{k} {v:.3f}" for k, v in report["levels"].items())
-    table = Table(title=f"targeted {report['metric']}: base {report['base']:.3f}, full final "
-                        f"{report['full_final']:.3f} at {report['schedule']['full_steps']} steps; levels {levels}")
-    for col in ("selector", "final", "paper accel. [90%]", "75% accel. [90%]", "90% accel. [90%]",
-                "area ratio [90%]", "wall 75%", "selection/train"):
-        table.add_column(col, justify="left" if col == "selector" else "right")
-    for name, e in report["selectors"].items():
-        n75, n90 = e["neutral"]["75%"], e["neutral"]["90%"]
-        share = e.get("selection_share_of_training")
-        table.add_row(
-            name, f"{e['final_targeted']['mean']:.3f} ± {e['final_targeted']['std']:.3f}",
-            f"{_fmt(e['paper']['acceleration'], '.2f', 'x')} {_fmt_ci(e['paper']['interval90'])}",
-            f"{_fmt(n75['acceleration'], '.2f', 'x')} {_fmt_ci(n75['interval90'])}",
-            f"{_fmt(n90['acceleration'], '.2f', 'x')} {_fmt_ci(n90['interval90'])}",
-            f"{_fmt(e['area_ratio'])} {_fmt_ci(e['area_ratio_interval90'], '')}",
-            _fmt(n75["wallclock_acceleration"], ".2f", "x"),
-            "-" if share is None else f"{share:.0%}",
-        )
-    console.print(table)
-    if "cropi_minus" in report:
-        diffs = Table(title="cropi minus baseline: gain area (mean targeted gain over the budget), paired 90 % interval")
-        for col in ("baseline", "difference", "90% interval", "verdict"):
-            diffs.add_column(col)
-        for name, d in report["cropi_minus"].items():
-            diffs.add_row(name, f"{d['gain_area_difference']:+.4f}", _fmt_ci(d["interval90"], ""), d["verdict"])
-        console.print(diffs)

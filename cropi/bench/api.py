@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,9 @@ def run_api_bench(requests: int = 200, rounds: int = 3) -> dict:
         server = RedisServer(Path(tmp) / "redis").start()
         port = free_port()
         env = {**os.environ, "CROPI_TOKEN": TOKEN}
-        proc = subprocess.Popen([sys.executable, "-m", "cropi.cli", "serve", "controller", "--redis", server.url,
+        # The installed `cropi` command, as a user starts the service (the library has no `serve`).
+        cropi = shutil.which("cropi", path=str(Path(sys.executable).parent)) or "cropi"
+        proc = subprocess.Popen([cropi, "serve", "controller", "--redis", server.url,
                                  "--store", str(Path(tmp) / "store"), "--port", str(port)],
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"

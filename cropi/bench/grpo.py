@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cropi.curriculum.runner import run_job
+from cropi.embedded import run_job
 from cropi.errors import InputError
 from cropi.evaluation import targeted_mean
 from cropi.spec import load_spec

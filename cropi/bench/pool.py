@@ -44,25 +44,24 @@ def _bench_spec(model: str, pool_size: int, n_pool: int, max_new_tokens: int, pr
 
 def _prepare_store(store, spec, runs: int) -> tuple[list[tuple[str, int]], float]:
     """Spec, offline trajectories and a base checkpoint for stages 1..runs; the pool parts and eligible share."""
-    from cropi.curriculum.controller import spec_key
-    from cropi.curriculum.policy import Policy
-    from cropi.curriculum.workers import checkpoint_prefix, put_checkpoint
+    from cropi.curriculum import layout
+    from cropi.curriculum.influence import POOL, InfluenceEngine
     from cropi.data.sources import load_job_data
-    from cropi.influence.engine import POOL, InfluenceEngine
+    from cropi.executors.inline import Policy, put_checkpoint
 
-    store.put(spec_key(JOB), spec.to_yaml().encode())
+    store.put(layout.spec_key(JOB), spec.to_yaml().encode())
     policy = Policy(spec)
     influence = InfluenceEngine(spec, store)
     influence.collect_offline(policy.engine, load_job_data(spec))
     for stage in range(1, runs + 1):
-        put_checkpoint(store, checkpoint_prefix(JOB, stage), policy)
+        put_checkpoint(store, layout.checkpoint_prefix(JOB, stage), policy)
     groups = influence.offline[POOL]
     eligible = sum(g.eligible for g in groups) / max(1, len(groups))
     return [p for p in influence.stage_parts() if p[0] == POOL], eligible
 
 
 def _timed_run(store_url: str, actors: int, stage: int, parts: list[tuple[str, int]]) -> dict:
-    from cropi.distributed.projection_pool import ProjectionPool
+    from cropi.executors.ray.projection_pool import ProjectionPool
 
     t0 = time.perf_counter()
     with ProjectionPool(store_url, actors, threads_per_actor=1) as pool:
@@ -79,7 +78,7 @@ def run_pool_bench(out_dir: Path, actors: int = 2, *, model: str = "builtin:tiny
     """Run the benchmark, write `out_dir/pool.json` and return its content (see the module docstring)."""
     import ray
 
-    from cropi.distributed.ray_runtime import MIN_LOCAL_CPUS, init_ray, shutdown_ray
+    from cropi.executors.ray.cluster import MIN_LOCAL_CPUS, init_ray, shutdown_ray
     from cropi.runtime.store import LocalStore
 
     if actors < 2:

@@ -81,10 +81,13 @@ def _collect(model_path: str, pool_size: int, valid_size: int, seed: int):
     engine = HFRolloutEngine(model, tok)
     with tempfile.TemporaryDirectory(prefix="cropi-precision-") as tmp:
         store = LocalStore(tmp)
-        collect_offline(engine, store, "precision", "pool", pool, n=8, temperature=1.0, max_new_tokens=8, seed=seed)
-        collect_offline(engine, store, "precision", "valid", valid, n=16, temperature=1.0, max_new_tokens=8, seed=seed)
-        pool_groups = [g for g in load_offline(store, "precision", "pool") if g.eligible]
-        valid_groups = [g for g in load_offline(store, "precision", "valid") if g.eligible]
+        # A private store of this bench alone: one folder per set.
+        collect_offline(engine, store, lambda i: f"pool/part-{i:05d}.parquet", "pool", pool, n=8, temperature=1.0,
+                        max_new_tokens=8, seed=seed)
+        collect_offline(engine, store, lambda i: f"valid/part-{i:05d}.parquet", "valid", valid, n=16,
+                        temperature=1.0, max_new_tokens=8, seed=seed)
+        pool_groups = [g for g in load_offline(store, "pool/") if g.eligible]
+        valid_groups = [g for g in load_offline(store, "valid/") if g.eligible]
     return model, tok, pool_groups, valid_groups
 
 

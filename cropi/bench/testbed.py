@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cropi.bench.acceleration import FULL, apply_cuts
-from cropi.curriculum.runner import run_job
+from cropi.embedded import run_job
 from cropi.data import arith
 from cropi.data.sources import BUILTIN_ARITH, load_job_data
 from cropi.errors import InputError

@@ -21,39 +21,17 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
-from cropi.curriculum.selection import (
-    needs_offline,
-    needs_projection,
-    offline_timing_key,
-    select_stage,
-    stored_selection,
-)
+from cropi.curriculum import layout
+from cropi.curriculum.influence import InfluenceEngine
+from cropi.curriculum.selection import needs_offline, needs_projection, select_stage, stored_selection
 from cropi.data.sources import JobData, load_job_data
-from cropi.influence.engine import InfluenceEngine
-from cropi.runtime.jobs import TERMINAL, JobRegistry
+from cropi.runtime.jobs import TERMINAL, JobRegistry, Phase
 from cropi.runtime.queue import TaskBus
 from cropi.runtime.store import ObjectStore
+from cropi.runtime.tasks import AnyTask, OfflineTask, ProjectTask, TrainTask, to_payload
 from cropi.spec import JobSpec, parse_spec_yaml
 
 log = logging.getLogger(__name__)
-
-OFFLINE, PROJECT, TRAIN = "offline", "project", "train"
-
-
-def spec_key(job: str) -> str:
-    return f"jobs/{job}/spec.yaml"
-
-
-def offline_task_id(job: str, set_name: str, index: int) -> str:
-    return f"{job}:offline:{set_name}:{index}"
-
-
-def project_task_id(job: str, stage: int, set_name: str, index: int) -> str:
-    return f"{job}:project:{stage}:{set_name}:{index}"
-
-
-def train_task_id(job: str, stage: int) -> str:
-    return f"{job}:train:{stage}"
 
 
 @dataclass
@@ -77,8 +55,9 @@ class Controller:
     def submit(self, spec: JobSpec) -> bool:
         """Register the job and store its spec; True if new (a same-spec resubmit is a no-op)."""
         text = spec.to_yaml()
-        if not self.store.exists(spec_key(spec.name)):
-            self.store.put(spec_key(spec.name), text.encode())
+        key = layout.spec_key(spec.name)
+        if not self.store.exists(key):
+            self.store.put(key, text.encode())
         created = self.jobs.create(spec.name, text)
         if created:  # a name Redis no longer knew (wiped, restored): nothing of it is submitted there
             self._views.pop(spec.name, None)
@@ -91,7 +70,8 @@ class Controller:
 
     def view(self, job: str) -> JobView:
         if job not in self._views:
-            spec = parse_spec_yaml(self.store.get(spec_key(job)).decode(), spec_key(job))
+            key = layout.spec_key(job)
+            spec = parse_spec_yaml(self.store.get(key).decode(), key)
             self._views[job] = JobView(spec, _job_data(spec), InfluenceEngine(spec, self.store))
         return self._views[job]
 
@@ -109,7 +89,7 @@ class Controller:
             except Exception as err:  # a job's failure must not stop the others
                 log.exception("job %s failed", job)
                 message = f"{type(err).__name__}: {err}"
-                self._end(job, "failed", "failed", message, error=message)
+                self._end(job, Phase.FAILED, "failed", message, error=message)
                 moved = True
         return moved
 
@@ -119,46 +99,48 @@ class Controller:
         if rec is None or rec["phase"] in TERMINAL:
             return False
         if rec["cancel"]:
-            self._end(job, "cancelled", "cancelled", "job cancelled")
+            self._end(job, Phase.CANCELLED, "cancelled", "job cancelled")
             return False
         phase, stage = rec["phase"], rec["stage"]
         v = self.view(job)
-        if phase == "queued":
+        if phase == Phase.QUEUED:
             if needs_offline(v.spec):
-                self._set(job, phase=OFFLINE, status="running")
+                self._set(job, phase=Phase.OFFLINE, status="running")
             else:
                 self._enter_stage(job, v, 0)
             return True
-        if phase in (OFFLINE, PROJECT, TRAIN):
-            self._emit_once(job, v, phase, stage)
-        if phase == OFFLINE:
-            results = self._results([offline_task_id(job, s, i) for s, i in v.influence.offline_parts(v.data)])
+        tasks = self._tasks(job, v, phase, stage)
+        if tasks:
+            self._emit_once(job, phase, stage, tasks)
+        if phase == Phase.OFFLINE:
+            results = self._results(tasks)
             if results is None:
                 return False
-            if not self.store.exists(offline_timing_key(v.spec)):
+            timing = layout.offline_timing_key(job)
+            if not self.store.exists(timing):
                 seconds = sum(r.get("seconds", 0.0) for r in results.values())
-                self.store.put(offline_timing_key(v.spec), json.dumps({"seconds": seconds}).encode())
+                self.store.put(timing, json.dumps({"seconds": seconds}).encode())
             v.influence.load_offline(v.data)
             self.jobs.event(job, "offline_done", "offline trajectories stored")
             self._enter_stage(job, v, 0)
             return True
-        if phase == PROJECT:
-            if self._results([project_task_id(job, stage, s, i) for s, i in v.influence.stage_parts()]) is None:
+        if phase == Phase.PROJECT:
+            if self._results(tasks) is None:
                 return False
-            self._set(job, phase="select")
+            self._set(job, phase=Phase.SELECT)
             return True
-        if phase == "select":
+        if phase == Phase.SELECT:
             self._select(job, v, stage)
-            self._set(job, phase=TRAIN)
+            self._set(job, phase=Phase.TRAIN)
             return True
-        if phase == TRAIN:
-            results = self._results([train_task_id(job, stage)])
+        if phase == Phase.TRAIN:
+            results = self._results(tasks)
             if results is None:
                 return False
-            r = results[train_task_id(job, stage)]
+            r = results[tasks[0].task_id]
             self.jobs.event(job, "stage_done", f"stage {stage} done at step {r['end_step']}", **r["summary"])
             if r["stopped_early"] or stage + 1 >= v.spec.curriculum.stages:
-                self._end(job, "done", "succeeded", f"job {job} finished after {r['end_step']} steps",
+                self._end(job, Phase.DONE, "succeeded", f"job {job} finished after {r['end_step']} steps",
                           step=r["end_step"])
             else:
                 self._enter_stage(job, v, stage + 1)
@@ -177,32 +159,32 @@ class Controller:
         """
         self.jobs.event(job, phase, message)
         events = self.jobs.events(job, count=1_000_000)
-        self.store.put(f"jobs/{job}/events.jsonl", "".join(json.dumps(e) + "\n" for e in events).encode())
+        self.store.put(layout.events_key(job), "".join(json.dumps(e) + "\n" for e in events).encode())
         self._set(job, phase=phase, status=status, **fields)
 
     def _enter_stage(self, job: str, v: JobView, stage: int) -> None:
-        if needs_projection(v.spec, stage):
-            self._set(job, phase=PROJECT, stage=stage, status="running")
-        else:
-            self._set(job, phase="select", stage=stage, status="running")
+        phase = Phase.PROJECT if needs_projection(v.spec, stage) else Phase.SELECT
+        self._set(job, phase=phase, stage=stage, status="running")
         self.jobs.event(job, "stage_started", f"stage {stage} started", stage=stage)
 
-    def _emit_once(self, job: str, v: JobView, phase: str, stage: int) -> None:
+    def _tasks(self, job: str, v: JobView, phase: str, stage: int) -> list[AnyTask]:
+        """The tasks of a phase that runs on the workers (none for the others)."""
+        if phase == Phase.OFFLINE:
+            return [OfflineTask(job, set_name, index) for set_name, index in v.influence.offline_parts(v.data)]
+        if phase == Phase.PROJECT:
+            if not v.influence.offline:
+                v.influence.load_offline(v.data)
+            return [ProjectTask(job, stage, set_name, index) for set_name, index in v.influence.stage_parts()]
+        if phase == Phase.TRAIN:
+            return [TrainTask(job, stage)]
+        return []
+
+    def _emit_once(self, job: str, phase: str, stage: int, tasks: list[AnyTask]) -> None:
         """Submit the phase's tasks (after the phase was persisted; ids are deterministic)."""
         if (job, phase, stage) in self._emitted:
             return
-        if phase == OFFLINE:
-            for set_name, index in v.influence.offline_parts(v.data):
-                self.bus.submit(OFFLINE, offline_task_id(job, set_name, index),
-                                {"job": job, "set": set_name, "part": index})
-        elif phase == PROJECT:
-            if not v.influence.offline:
-                v.influence.load_offline(v.data)
-            for set_name, index in v.influence.stage_parts():
-                self.bus.submit(PROJECT, project_task_id(job, stage, set_name, index),
-                                {"job": job, "stage": stage, "set": set_name, "part": index})
-        else:
-            self.bus.submit(TRAIN, train_task_id(job, stage), {"job": job, "stage": stage})
+        for task in tasks:
+            self.bus.submit(task.kind, task.task_id, to_payload(task))
         self._emitted.add((job, phase, stage))
 
     def _select(self, job: str, v: JobView, stage: int) -> None:
@@ -213,16 +195,16 @@ class Controller:
             # The projectors' time is part of what this selection cost (wall-clock accounting).
             projection_s = 0.0
             if needs_projection(v.spec, stage):
-                for set_name, index in v.influence.stage_parts():
-                    result = self.bus.result(project_task_id(job, stage, set_name, index)) or {}
-                    projection_s += result.get("seconds", 0.0)
+                for task in self._tasks(job, v, Phase.PROJECT, stage):
+                    projection_s += (self.bus.result(task.task_id) or {}).get("seconds", 0.0)
             selection = select_stage(v.spec, v.data, self.store, v.influence, stage, extra_seconds=projection_s)
         self.jobs.event(job, "selected", f"stage {stage}: {v.spec.curriculum.selector} selected "
                         f"{len(selection.prompt_ids)} of {len(v.data.pool)} prompts ({selection.eligible} eligible)",
                         stage=stage, selected=len(selection.prompt_ids), eligible=selection.eligible)
 
-    def _results(self, task_ids: list[str]) -> dict[str, dict] | None:
-        """Every task's result, or None while any is missing; a dead-lettered task fails the job."""
+    def _results(self, tasks: list[AnyTask]) -> dict[str, dict] | None:
+        """Every task's result by id, or None while any is missing; a dead-lettered task fails the job."""
+        task_ids = [t.task_id for t in tasks]
         for task_id in task_ids:
             error = self.bus.failure(task_id)
             if error is not None:

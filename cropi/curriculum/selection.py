@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from cropi.curriculum import layout
+from cropi.curriculum.influence import POOL, InfluenceEngine, Progress
 from cropi.curriculum.selectors import (
     KEEP_FIRST,
     NEEDS_INFLUENCE,
@@ -22,7 +24,6 @@ from cropi.curriculum.selectors import (
     selector_function,
 )
 from cropi.data.sources import JobData
-from cropi.influence.engine import POOL, InfluenceEngine, Progress
 from cropi.runtime.store import ObjectStore
 from cropi.spec import JobSpec
 
@@ -41,16 +42,8 @@ def needs_projection(spec: JobSpec, stage: int) -> bool:
     return spec.curriculum.selector in NEEDS_INFLUENCE and not keeps_first_choice(spec, stage)
 
 
-def selection_key(spec: JobSpec, stage: int) -> str:
-    return f"jobs/{spec.name}/stages/{stage}/selection.json"
-
-
-def offline_timing_key(spec: JobSpec) -> str:
-    return f"jobs/{spec.name}/offline/timing.json"
-
-
 def stored_selection(store: ObjectStore, spec: JobSpec, stage: int) -> Selection | None:
-    key = selection_key(spec, stage)
+    key = layout.selection_key(spec.name, stage)
     return Selection.from_json(json.loads(store.get(key))) if store.exists(key) else None
 
 
@@ -69,14 +62,14 @@ def select_stage(spec: JobSpec, data: JobData, store: ObjectStore, influence: In
     if keeps_first_choice(spec, stage):
         selection = stored_selection(store, spec, 0)
         if selection is None:
-            raise RuntimeError(f"{cur.selector}: stage 0's selection is missing from the store ({selection_key(spec, 0)})")
+            raise RuntimeError(f"{cur.selector}: stage 0's selection is missing from the store ({layout.selection_key(spec.name, 0)})")
         selection.seconds = 0.0  # reusing stage 0's choice costs nothing
         selection.note = "stage 0's selection, kept"
     else:
         t0 = time.perf_counter()
         selection = _compute(spec, data, influence, stage, progress)
         selection.seconds = time.perf_counter() - t0 + extra_seconds
-    store.put(selection_key(spec, stage),
+    store.put(layout.selection_key(spec.name, stage),
               json.dumps({"stage": stage, "selector": cur.selector, **selection.to_json()}).encode())
     return selection
 

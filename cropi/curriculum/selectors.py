@@ -12,7 +12,7 @@ A selector named `<x>_once` makes selector `<x>`'s choice at stage 0 and
 keeps it for every stage (the reference code's heuristics draw once);
 without the suffix the choice is made afresh at every stage.
 `dynamic` (DAPO / verl dynamic sampling) hands the whole pool to the stage:
-it filters at every training step instead (`curriculum/policy.py`).
+it filters at every training step instead (`curriculum/sampling.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cropi.data.arith import stream_seed
+from cropi.seeding import stream_seed
 
 
 @dataclass

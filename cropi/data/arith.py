@@ -11,13 +11,13 @@ Query syntax: ``builtin:arith?skills=add,sub&digits=1-3&noise=0.05``.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 from urllib.parse import parse_qsl
 
 from cropi.data.types import Prompt
 from cropi.errors import InputError
+from cropi.seeding import stream_seed
 
 # skill -> (prompt text, correct answer, confused answer) for operands drawn
 # at `digits` digits. The confused answer is the skill's typical *strategy*
@@ -107,12 +107,6 @@ def parse_query(query: str) -> dict:
         else:
             raise InputError(f"builtin:arith: unknown query key {key!r}; known: skills, digits, noise")
     return opts
-
-
-def stream_seed(*parts: object) -> int:
-    """A stable 64-bit seed from any parts (Python's hash() is salted per process)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 def _corrupt(rng: random.Random, answer: int) -> int:

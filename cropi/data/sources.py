@@ -15,6 +15,7 @@ from cropi.data import arith
 from cropi.data.files import load_file_source
 from cropi.data.types import Prompt
 from cropi.errors import InputError
+from cropi.seeding import stream_seed
 from cropi.spec import DataSource, JobSpec
 
 BUILTIN_ARITH = "builtin:arith"
@@ -38,7 +39,7 @@ def load_source(src: DataSource, role: str, seed: int) -> list[Prompt]:
         verifier = "math" if src.verifier == "auto" else src.verifier
         prompts = load_file_source(src.source, src.prompt_field, src.answer_field, src.id_field, verifier)
         if src.size is not None and src.size < len(prompts):
-            keep = sorted(random.Random(arith.stream_seed("subset", seed, role)).sample(range(len(prompts)), src.size))
+            keep = sorted(random.Random(stream_seed("subset", seed, role)).sample(range(len(prompts)), src.size))
             prompts = [prompts[i] for i in keep]
     if src.template != "{prompt}":
         try:

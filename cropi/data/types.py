@@ -10,7 +10,7 @@ class Prompt:
 
     `id` is stable across runs for the same source and seed; selections and
     offline trajectories refer to prompts by it. `verifier` names the reward
-    function (see `cropi.data.verifiers`) so that a pool may mix data sources.
+    function (see `cropi.data.rewards`) so that a pool may mix data sources.
     """
 
     id: str

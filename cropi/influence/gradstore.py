@@ -1,5 +1,5 @@
-"""Projected gradients in the object store:
-``jobs/<job>/stages/<s>/grads/<set>/part-<i>.npy`` plus a ``.json`` sidecar.
+"""Projected gradients in the object store: one ``.npy`` part per key the
+caller names, plus a ``.json`` sidecar beside it.
 
 Stored as fp16 *unit* vectors with fp32 norms beside them. Scores are
 cosines, which need only directions; a unit vector's components are at most
@@ -17,10 +17,6 @@ import numpy as np
 
 from cropi.influence.popi import ProjectedGradients
 from cropi.runtime.store import ObjectStore
-
-
-def grads_key(job: str, stage: int, set_name: str, part: int) -> str:
-    return f"jobs/{job}/stages/{stage}/grads/{set_name}/part-{part:05d}.npy"
 
 
 def save_projected(store: ObjectStore, key: str, grads: ProjectedGradients, projector_info: dict) -> None:

@@ -1,8 +1,8 @@
 """Offline trajectories: responses of the behaviour policy (the base model),
-sampled once per job and reused by every stage's influence estimate.
+sampled once and reused by every later influence estimate.
 
-Stored as Parquet parts under ``jobs/<job>/offline/<set>/part-<i>.parquet``,
-one row per prompt with its whole group. Each part's sampling seed depends
+Stored as Parquet parts, one row per prompt with its whole group, under the
+keys the caller names (`curriculum/layout.py`: one folder per set). Each part's sampling seed depends
 only on (job seed, set, part index), so parts can be produced in any order,
 by any worker, and a part already in the store is never redone.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cropi.data.arith import stream_seed
+from cropi.seeding import stream_seed
 from cropi.data.types import Prompt
-from cropi.data.verifiers import reward
+from cropi.data.rewards import reward
 from cropi.rollout.base import RolloutEngine, SamplingParams
 from cropi.runtime.store import ObjectStore
 
@@ -55,10 +55,6 @@ class OfflineGroup:
         return len(set(self.rewards)) > 1
 
 
-def part_key(job: str, set_name: str, index: int) -> str:
-    return f"jobs/{job}/offline/{set_name}/part-{index:05d}.parquet"
-
-
 def _encode(groups: list[OfflineGroup]) -> bytes:
     table = pa.table(
         {
@@ -87,7 +83,7 @@ def _decode(data: bytes) -> list[OfflineGroup]:
 def collect_offline_part(
     engine: RolloutEngine,
     store: ObjectStore,
-    job: str,
+    key: str,
     set_name: str,
     chunk: Sequence[Prompt],
     index: int,
@@ -96,8 +92,8 @@ def collect_offline_part(
     max_new_tokens: int,
     seed: int,
 ) -> bool:
-    """Sample and store part `index` (the prompts `chunk`) unless stored; True if it was written."""
-    key = part_key(job, set_name, index)
+    """Sample and store part `index` of set `set_name` (the prompts `chunk`) at `key` unless stored;
+    True if it was written. The sampling seed depends on (seed, set name, index) only."""
     if store.exists(key):
         return False
     sampling = SamplingParams(
@@ -123,7 +119,7 @@ def collect_offline_part(
 def collect_offline(
     engine: RolloutEngine,
     store: ObjectStore,
-    job: str,
+    part_key: Callable[[int], str],
     set_name: str,
     prompts: Sequence[Prompt],
     n: int,
@@ -133,17 +129,18 @@ def collect_offline(
     part_size: int = 256,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Sample and store every missing part; returns how many parts were written."""
+    """Sample and store every missing part (part i at `part_key(i)`); returns how many were written."""
     written = 0
     for index, start in enumerate(range(0, len(prompts), part_size)):
         chunk = prompts[start : start + part_size]
-        written += collect_offline_part(engine, store, job, set_name, chunk, index, n, temperature,
+        written += collect_offline_part(engine, store, part_key(index), set_name, chunk, index, n, temperature,
                                         max_new_tokens, seed)
         if progress is not None:
             progress(len(chunk))
     return written
 
 
-def load_offline(store: ObjectStore, job: str, set_name: str) -> list[OfflineGroup]:
-    keys = store.list(f"jobs/{job}/offline/{set_name}/")
+def load_offline(store: ObjectStore, prefix: str) -> list[OfflineGroup]:
+    """Every part stored under `prefix` (one set's folder), in part order."""
+    keys = store.list(prefix)
     return [g for key in keys for g in _decode(store.get(key))]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cropi.data.arith import stream_seed
+from cropi.seeding import stream_seed
 from cropi.influence.popi import ProjectedGradients
 
 

@@ -48,6 +48,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from cropi.data import arith
 from cropi.errors import InputError
 from cropi.models.tokenizer import build_char_tokenizer
+from cropi.seeding import stream_seed
 
 BUILDER_VERSION = 3  # bump when the recipe changes so old caches are not reused
 
@@ -150,7 +151,7 @@ def build_tiny_model(
     # SFT data comes from its own stream, never the pools' (which use job seeds).
     data = arith.generate(recipe.sft_steps * recipe.sft_batch, seed=f"sft-{recipe.seed}")
     followers = arith.generate(recipe.sft_steps * recipe.sft_batch, seed=f"sft-next-{recipe.seed}")
-    rng = random.Random(arith.stream_seed("sft-docs", recipe.seed))
+    rng = random.Random(stream_seed("sft-docs", recipe.seed))
     data = [_maybe_confused(p, recipe.confusion, rng) for p in data]
     followers = [_maybe_confused(p, recipe.confusion, rng) for p in followers]
     docs = []

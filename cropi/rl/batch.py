@@ -31,6 +31,12 @@ class TokenBatch:
             **{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         )
 
+    def rows(self, lo: int, hi: int) -> TokenBatch:
+        """Sequences [lo, hi) (same padded widths)."""
+        return TokenBatch(
+            **{k: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        )
+
 
 def collate(trajectories: Sequence[Trajectory], pad_id: int) -> TokenBatch:
     P = max(len(t.prompt_ids) for t in trajectories)

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from cropi.data.arith import stream_seed
+from cropi.seeding import stream_seed
 from cropi.errors import InputError
 from cropi.rollout.base import SamplingParams, Trajectory
 

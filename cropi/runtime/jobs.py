@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import json
 import time
+from enum import StrEnum
 from typing import Any
 
 import redis
 
-TERMINAL = ("done", "failed", "cancelled")
+class Phase(StrEnum):
+    """A job's phase in its record: queued -> offline -> [project -> select -> train] per stage -> done."""
+
+    QUEUED = "queued"
+    OFFLINE = "offline"
+    PROJECT = "project"
+    SELECT = "select"
+    TRAIN = "train"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({Phase.DONE, Phase.FAILED, Phase.CANCELLED})
 MAX_EVENTS = 10_000
 
 
@@ -49,7 +63,7 @@ class JobRegistry:
                         return False
                     now = time.time()
                     pipe.multi()
-                    pipe.hset(key, mapping={"name": job, "phase": "queued", "status": "queued", "stage": 0,
+                    pipe.hset(key, mapping={"name": job, "phase": Phase.QUEUED, "status": "queued", "stage": 0,
                                             "step": 0, "spec": spec_yaml, "created": now, "updated": now,
                                             "error": "", "cancel": 0})
                     pipe.zadd(f"{self.prefix}:jobs", {job: now})

@@ -12,7 +12,7 @@ from cropi.models.loading import load_policy
 from cropi.rollout.hf import HFRolloutEngine
 from cropi.rollout.base import SamplingParams
 from cropi.data import arith
-from cropi.data.verifiers import reward
+from cropi.data.rewards import reward
 model, tok = load_policy(sys.argv[1]); model.eval()
 eng = HFRolloutEngine(model, tok, 512)
 print("cell    greedy  g_conf  sampled s_conf pass@8")

@@ -31,11 +31,12 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
-from cropi.curriculum.controller import OFFLINE, PROJECT, TRAIN, Controller
+from cropi.curriculum.controller import Controller
 from cropi.errors import InputError
-from cropi.runtime.jobs import JobConflict, JobRegistry
+from cropi.runtime.jobs import TERMINAL, JobConflict, JobRegistry
 from cropi.runtime.queue import TaskBus
 from cropi.runtime.store import ObjectStore
+from cropi.runtime.tasks import TaskKind
 from cropi.spec import parse_spec_yaml
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
     @app.post("/v1/jobs/{name}/cancel", status_code=202, response_model=JobStatus, dependencies=[Depends(authorized)])
     def cancel(name: str) -> JobStatus:
         rec = job_or_404(name)
-        if rec["phase"] not in ("done", "failed", "cancelled"):
+        if rec["phase"] not in TERMINAL:
             jobs.request_cancel(name)
         return _status(jobs.get(name))
 
@@ -163,7 +164,7 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
     def metrics() -> Response:
         registry = CollectorRegistry()
         depth = Gauge("cropi_queue_depth", "tasks per kind and state", ["kind", "state"], registry=registry)
-        for kind in (OFFLINE, PROJECT, TRAIN):
+        for kind in TaskKind:
             for state, n in bus.depth(kind).items():
                 depth.labels(kind, state).set(n)
         stage = Gauge("cropi_job_stage", "current stage", ["job"], registry=registry)

@@ -6,7 +6,7 @@ Arguments are strings (Serve passes `key=value` pairs through): the engine's
 are the fields of `RolloutConfig`, the deployment's those of `RolloutAppArgs`.
 This is a *standing* service: it outlives jobs and serves one at a time.
 Its replicas follow the weight board named after the app; a job claims the
-app there (`cropi.distributed.standing_rollout`) when its workers name it
+app there (`cropi.executors.ray.standing_rollout`) when its workers name it
 (`ray.rollout_app` or CROPI_ROLLOUT_APP), and its trainer publishes there.
 """
 
@@ -18,8 +18,8 @@ from dataclasses import fields
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from ray import serve
 
-from cropi.distributed.rollout_replica import RolloutConfig
-from cropi.distributed.rollout_serve import (
+from cropi.executors.ray.replica import RolloutConfig
+from cropi.executors.ray.rollout_serve import (
     DEFAULT_BATCH_WAIT_S,
     DEFAULT_MAX_BATCH,
     DEFAULT_VERSION_WAIT_S,

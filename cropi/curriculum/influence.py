@@ -1,6 +1,9 @@
-"""The influence engine: offline trajectories once per job, then, at each
-stage, projected POPI gradients of every pool prompt and of the validation
-targets at the current policy, and the cosine scores (docs/design.md §2.1-2.5).
+"""The influence engine of a job's curriculum: offline trajectories once per
+job, then, at each stage, projected POPI gradients of every pool prompt and of
+the validation targets at the current policy, and the cosine scores
+(docs/design.md §2.1-2.5). It applies the stage-free parts of
+`cropi.influence` (offline, popi, projection, gradstore, scoring) to a job's
+sets and stages, under the keys of `layout.py`.
 
 Every product goes to the object store in parts; a part already there is
 loaded, not recomputed, so a stage interrupted halfway resumes where it was.
@@ -17,13 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cropi.data.sources import JobData
 from cropi.data.types import Prompt
-from cropi.influence.gradstore import (
-    concat,
-    exists_projected,
-    grads_key,
-    load_projected,
-    save_projected,
-)
+from cropi.curriculum import layout
+from cropi.influence.gradstore import concat, exists_projected, load_projected, save_projected
 from cropi.influence.offline import OfflineGroup, collect_offline_part, load_offline
 from cropi.influence.popi import POPIProjector, ProjectedGradients
 from cropi.influence.projection import SparseProjector
@@ -80,7 +78,8 @@ class InfluenceEngine:
         off = self.spec.offline
         _, prompts, n = next(s for s in self.offline_sets(data) if s[0] == set_name)
         chunk = prompts[index * self.part_size : (index + 1) * self.part_size]
-        collect_offline_part(engine, self.store, self.spec.name, set_name, chunk, index, n, off.temperature,
+        key = layout.offline_part_key(self.spec.name, set_name, index)
+        collect_offline_part(engine, self.store, key, set_name, chunk, index, n, off.temperature,
                              self.spec.rollout.max_new_tokens, self.spec.seed)
 
     def collect_offline(self, engine: RolloutEngine | None, data: JobData, progress: Progress | None = None) -> None:
@@ -94,7 +93,7 @@ class InfluenceEngine:
                     self.collect_offline_part(engine, data, set_name, index)
                 if progress:
                     progress(f"offline {set_name}", min((index + 1) * self.part_size, len(prompts)), len(prompts))
-            self.offline[set_name] = load_offline(self.store, self.spec.name, set_name)
+            self.offline[set_name] = load_offline(self.store, layout.offline_prefix(self.spec.name, set_name))
 
     def load_offline(self, data: JobData) -> None:
         self.collect_offline(None, data)
@@ -122,7 +121,7 @@ class InfluenceEngine:
 
     def project_part(self, stage: int, set_name: str, index: int, popi: POPIProjector) -> None:
         """Project and store one part at the current policy (no-op when stored)."""
-        key = grads_key(self.spec.name, stage, set_name, index)
+        key = layout.grads_key(self.spec.name, stage, set_name, index)
         if exists_projected(self.store, key):
             return
         if self.needs_behaviour_model(stage) and popi.behaviour is None:
@@ -160,7 +159,7 @@ class InfluenceEngine:
             for set_name, groups in self._stage_groups():
                 n_parts = math.ceil(len(groups) / self.part_size)
                 for index in range(n_parts):
-                    key = grads_key(self.spec.name, stage, set_name, index)
+                    key = layout.grads_key(self.spec.name, stage, set_name, index)
                     if not exists_projected(self.store, key):
                         popi = popi or self.popi()
                         self.project_part(stage, set_name, index, popi)

@@ -5,9 +5,8 @@ Every rank is handed the same full batch and trains on its contiguous shard.
 The loss of each micro-batch is weighted by its share of the *global* token
 count and multiplied by the world size, so that DeepSpeed's averaging of
 gradients over ranks gives the single-process token-mean gradient of
-`cropi.rl.trainer.GRPOTrainer`; clipping, AdamW and the warmup schedule are
-the reference's too. The two trainers then differ only by the order of
-floating-point sums.
+`cropi.rl.trainer.TorchBackend`; clipping, AdamW and the warmup schedule are
+the reference's too, and the loop is `GRPOTrainer.step` itself.
 
 Checkpoints never assume a shared filesystem: each rank uploads its own
 DeepSpeed files to the object store and downloads only what it needs.
@@ -19,26 +18,15 @@ import json
 import math
 import re
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from cropi.distributed.weight_sync import publish_weights
-from cropi.rl.batch import (
-    TokenBatch,
-    collate,
-    response_logits,
-    token_entropy,
-    token_logprobs,
-)
-from cropi.rl.grpo import group_advantages, grpo_loss
-from cropi.rl.trainer import batch_stats
-from cropi.rollout.base import Trajectory
+from cropi.rl.trainer import GRPOTrainer, warmup_schedule
 from cropi.runtime.store import ObjectStore
 from cropi.spec import RLSpec
 
@@ -147,28 +135,12 @@ def micro_batches(n: int, rank: int, world_size: int, micro_batch: int) -> list[
     return ranges
 
 
-def _pass_batch(batch: TokenBatch, lo: int, hi: int) -> TokenBatch:
-    """The sequences of one pass; an empty range borrows row 0 (its loss is weighted by 0)."""
-    if hi <= lo:
-        lo, hi = 0, 1
-    return TokenBatch(**{k: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for k, v in batch.__dict__.items()})
+class ZeroBackend:
+    """The `GRPOTrainer` backend on DeepSpeed ZeRO: this rank's shard of every batch, DeepSpeed's optimizer."""
 
-
-class ZeroGRPOTrainer:
-    """`GRPOTrainer` on DeepSpeed ZeRO: call `step` on every rank with the same full batch."""
-
-    def __init__(
-        self,
-        model: PreTrainedModel,
-        ref_model: PreTrainedModel | None,
-        pad_id: int,
-        rl: RLSpec,
-        temperature: float = 1.0,
-        zero_stage: int = 3,
-        *,
-        param_persistence_threshold: int = PARAM_PERSISTENCE_THRESHOLD,
-    ):
-        self.rl, self.pad_id, self.temperature = rl, pad_id, temperature
+    def __init__(self, model: PreTrainedModel, ref_model: PreTrainedModel | None, rl: RLSpec, zero_stage: int = 3,
+                 *, param_persistence_threshold: int = PARAM_PERSISTENCE_THRESHOLD):
+        self.rl = rl
         gpu = torch.cuda.is_available()
         deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")  # adopts an existing process group
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -182,112 +154,62 @@ class ZeroGRPOTrainer:
                                   param_persistence_threshold=param_persistence_threshold)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=config)
-        self.model = self.engine.module  # ZeRO-3: parameters are partitioned; see `full_state_dict`
+        self.module = self.engine  # forward through the engine: it gathers ZeRO-3 partitions
         self.device = self.engine.device
-        self.ref = None
+        self.reference = None
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
             if zero_stage == 3:
                 ref_config = reference_config(rl.micro_batch, self.world_size, gpu=gpu, dtype=dtype,
                                               param_persistence_threshold=param_persistence_threshold)
-                self.ref, _, _, _ = deepspeed.initialize(model=ref_model, config=ref_config)
+                self.reference, _, _, _ = deepspeed.initialize(model=ref_model, config=ref_config)
             else:  # ZeRO-2 keeps whole weights on every rank; so does the frozen copy
-                self.ref = ref_model.to(self.device)
+                self.reference = ref_model.to(self.device)
         self._new_schedule()
 
-    # ----------------------------------------------------------- optimizer
     def _new_schedule(self) -> None:
-        """The reference's warmup schedule, stepped once per GRPO step (DeepSpeed would step it per optimizer step)."""
+        """The warmup schedule, stepped once per GRPO step (DeepSpeed would step it per optimizer step)."""
         optimizer = self.engine.basic_optimizer
         for group in optimizer.param_groups:
             group["lr"] = self.rl.lr
             group.pop("initial_lr", None)
-        warmup = self.rl.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = warmup_schedule(optimizer, self.rl.warmup_steps)
 
-    def reset_optimizer(self) -> None:
-        """Forget moments and restart the warmup, as `GRPOTrainer.reset_optimizer` does."""
-        self.engine.basic_optimizer.state.clear()
-        self._new_schedule()
+    def passes(self, n: int) -> list[tuple[int, int]]:
+        return micro_batches(n, self.rank, self.world_size, self.rl.micro_batch)
 
-    # ----------------------------------------------------------- the step
-    @torch.no_grad()
-    def _ref_logprobs(self, batch: TokenBatch, passes: Sequence[tuple[int, int]]) -> list[torch.Tensor | None]:
-        if self.ref is None or self.rl.kl_coef == 0:
-            return [None] * len(passes)
-        self.ref.eval()
-        out = []
-        for lo, hi in passes:
-            mb = _pass_batch(batch, lo, hi)
-            out.append(token_logprobs(response_logits(self.ref, mb, self.temperature), mb.response_ids))
-        return out
+    def zero_grad(self) -> None:
+        pass  # the engine clears gradients in its step
 
-    def step(self, groups: Sequence[Sequence[Trajectory]], rewards: Sequence[Sequence[float]]) -> dict[str, float]:
-        """One GRPO update on the full batch (every rank passes the same one); stats are batch values."""
-        reward_t = torch.tensor(rewards, dtype=torch.float32)
-        advantages = group_advantages(reward_t, self.rl.adv_eps).flatten().to(self.device)
-        batch = collate([t for g in groups for t in g], self.pad_id).to(self.device)
-        passes = micro_batches(batch.input_ids.shape[0], self.rank, self.world_size, self.rl.micro_batch)
-        ref_logp = self._ref_logprobs(batch, passes)
-        total_tokens = batch.response_mask.sum().clamp(min=1.0)
-        self.engine.train()
-        stats: dict[str, float] = {}
-        for _ in range(self.rl.ppo_epochs):
-            sums: dict[str, float] = {}
-            for (lo, hi), ref_mb in zip(passes, ref_logp):
-                mb = _pass_batch(batch, lo, hi)
-                logits = response_logits(self.engine, mb, self.temperature)
-                logp = token_logprobs(logits, mb.response_ids)
-                loss, mb_stats = grpo_loss(
-                    logp, mb.old_logprobs, ref_mb, token_entropy(logits),
-                    advantages[lo:hi] if hi > lo else advantages[:1], mb.response_mask,
-                    clip_eps=self.rl.clip_eps, kl_coef=self.rl.kl_coef, entropy_coef=self.rl.entropy_coef,
-                )
-                weight = (mb.response_mask.sum() / total_tokens).item() if hi > lo else 0.0
-                # x world size: DeepSpeed averages gradients over ranks, the reference sums micro-batches.
-                self.engine.backward(loss * (weight * self.world_size), scale_wrt_gas=False)
-                for k, v in mb_stats.items():
-                    sums[k] = sums.get(k, 0.0) + v * weight
-                sums["loss"] = sums.get("loss", 0.0) + loss.item() * weight
-            lr = self.scheduler.get_last_lr()[0]
-            self.engine.step()
-            stats = {**self._sum_over_ranks(sums), "grad_norm": float(self.engine.get_global_grad_norm()), "lr": lr}
-        self.scheduler.step()
-        stats.update(batch_stats(reward_t, batch.response_mask))
-        return stats
+    def backward(self, loss: torch.Tensor, weight: float) -> None:
+        # x world size: DeepSpeed averages gradients over ranks, the reference sums micro-batches.
+        self.engine.backward(loss * (weight * self.world_size), scale_wrt_gas=False)
 
-    def _sum_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+    def optimizer_step(self) -> float:
+        self.engine.step()  # clips to rl.max_grad_norm (the config's gradient_clipping)
+        return float(self.engine.get_global_grad_norm())
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return dict(zip(keys, t.tolist()))
 
-    # ----------------------------------------------------------- weights
-    def full_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor] | None:
-        """The consolidated weights on CPU (collective: every rank calls it); None off rank 0 if `rank0_only`.
+    def reset_optimizer(self) -> None:
+        """Forget moments and restart the warmup, as the torch backend does."""
+        self.engine.basic_optimizer.state.clear()
+        self._new_schedule()
 
-        Parameters are gathered one at a time, so no rank ever holds more
-        than one full parameter beyond its shard.
-        """
-        keep = not rank0_only or self.rank == 0
-        out: dict[str, torch.Tensor] = {}
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if keep:
-                    out[name] = param.detach().to("cpu", copy=True)
-        if keep:
-            persistent = self.model.state_dict().keys()
-            out.update({n: b.detach().to("cpu", copy=True) for n, b in self.model.named_buffers() if n in persistent})
-        return out if keep else None
 
-    def export_hf(self, store: ObjectStore, prefix: str, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """A consolidated HF folder (config, safetensors, tokenizer if given) under `prefix`, as
-        `put_checkpoint` lays it out. Collective; rank 0 writes. Returns on every rank once it is stored.
-        """
-        publish_weights(self.engine, store, prefix, tokenizer)
-        dist.barrier()
+class ZeroGRPOTrainer(GRPOTrainer):
+    """`GRPOTrainer` on a `ZeroBackend`: call `step` on every rank with the same full batch."""
+
+    def __init__(self, model: PreTrainedModel, ref_model: PreTrainedModel | None, pad_id: int, rl: RLSpec,
+                 temperature: float = 1.0, zero_stage: int = 3, *,
+                 param_persistence_threshold: int = PARAM_PERSISTENCE_THRESHOLD):
+        backend = ZeroBackend(model, ref_model, rl, zero_stage, param_persistence_threshold=param_persistence_threshold)
+        super().__init__(backend.engine.module, None, pad_id, rl, temperature, backend=backend)
+        self.engine, self.rank, self.world_size = backend.engine, backend.rank, backend.world_size
 
     # ----------------------------------------------------------- checkpoints
     def save_state(self, store: ObjectStore, prefix: str) -> None:

@@ -19,15 +19,15 @@ for all the ray jobs it serves.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cropi.curriculum.workers import Cancelled, JobCache, Observer
+from cropi.curriculum.influence import InfluenceEngine
 from cropi.errors import InputError
-from cropi.influence.engine import InfluenceEngine
+from cropi.executors.inline import JobCache
 from cropi.runtime.config import redis_url_of
 from cropi.runtime.jobs import JobRegistry
+from cropi.runtime.tasks import Cancelled, OfflineTask, ProjectTask, TaskContext, TrainTask
 from cropi.spec import JobSpec
 
 
@@ -47,7 +47,8 @@ class RolloutService:
 
 
 class RayExecutor:
-    def __init__(self) -> None:
+    def __init__(self, cache: JobCache) -> None:
+        self.cache = cache
         self._connected = False
         self._address: str | None = None  # the Ray this executor joined (None: local)
         self._pools: dict[tuple, Any] = {}
@@ -57,7 +58,7 @@ class RayExecutor:
 
     # ----------------------------------------------------------- components
     def connect(self, spec: JobSpec) -> None:
-        from cropi.distributed.ray_runtime import init_ray
+        from cropi.executors.ray.cluster import init_ray
 
         if self._connected and self._address != spec.ray.address:
             raise InputError(f"ray.address: this worker is attached to Ray at {self._address or 'local'}; "
@@ -71,8 +72,8 @@ class RayExecutor:
 
     def rollout(self, spec: JobSpec, jobs: JobRegistry) -> RolloutService:
         """The job's rollout service, holding the job's weights (base weights until its trainer publishes)."""
-        from cropi.distributed import standing_rollout
-        from cropi.distributed.rollout_serve import start_rollout_service
+        from cropi.executors.ray import standing_rollout
+        from cropi.executors.ray.rollout_serve import start_rollout_service
 
         self.connect(spec)
         standing = standing_rollout.standing_app_name(spec)
@@ -89,7 +90,7 @@ class RayExecutor:
         return RolloutService(standing, handle, described["replicas"], standing=True)
 
     def pool(self, spec: JobSpec, store_url: str):
-        from cropi.distributed.projection_pool import ProjectionPool
+        from cropi.executors.ray.projection_pool import ProjectionPool
 
         self.connect(spec)
         key = (store_url, spec.ray.projector_actors, spec.ray.projector_gpus)
@@ -100,7 +101,7 @@ class RayExecutor:
             return self._pools[key]
 
     def close(self) -> None:
-        from cropi.distributed.rollout_serve import stop_rollout_service
+        from cropi.executors.ray.rollout_serve import stop_rollout_service
 
         for pool in self._pools.values():
             pool.close()
@@ -109,42 +110,37 @@ class RayExecutor:
         self._pools.clear()
         self._apps.clear()
         if self._started_ray:
-            from cropi.distributed.ray_runtime import shutdown_ray
+            from cropi.executors.ray.cluster import shutdown_ray
 
             shutdown_ray()
             self._started_ray = False
 
     # ----------------------------------------------------------- handlers
-    def offline(self, cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None],
-                observer: Observer | None = None) -> dict:
-        from cropi.distributed.rollout_serve import ServeRolloutEngine
+    def offline(self, task: OfflineTask, ctx: TaskContext) -> dict:
+        from cropi.executors.ray.rollout_serve import ServeRolloutEngine
 
-        job = payload["job"]
-        spec = cache.spec(job)
-        engine = ServeRolloutEngine(self.rollout(spec, jobs).handle, owner=job)
-        InfluenceEngine(spec, cache.store).collect_offline_part(engine, cache.data(job), payload["set"],
-                                                                payload["part"])
-        return {"set": payload["set"], "part": payload["part"]}
+        spec = self.cache.spec(task.job)
+        engine = ServeRolloutEngine(self.rollout(spec, ctx.jobs).handle, owner=task.job)
+        InfluenceEngine(spec, self.cache.store).collect_offline_part(engine, self.cache.data(task.job), task.set,
+                                                                     task.part)
+        return {"set": task.set, "part": task.part}
 
-    def project(self, cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None],
-                observer: Observer | None = None) -> dict:
-        from cropi.distributed.projection_pool import handle_project_on_pool
+    def project(self, task: ProjectTask, ctx: TaskContext) -> dict:
+        spec = self.cache.spec(task.job)
+        self.pool(spec, self.cache.store.url).project_parts(task.job, task.stage, [(task.set, task.part)])
+        return {"stage": task.stage, "set": task.set, "part": task.part}
 
-        spec = cache.spec(payload["job"])
-        return handle_project_on_pool(self.pool(spec, cache.store.url), payload)
+    def train(self, task: TrainTask, ctx: TaskContext) -> dict:
+        from cropi.executors.ray.stage import train_stage_on_ray
 
-    def train(self, cache: JobCache, jobs: JobRegistry, payload: dict, heartbeat: Callable[[], None],
-              observer: Observer | None = None) -> dict:
-        from cropi.distributed.ray_stage import train_stage_on_ray
-
-        spec = cache.spec(payload["job"])
-        service = self.rollout(spec, jobs)
+        spec = self.cache.spec(task.job)
+        service = self.rollout(spec, ctx.jobs)
         try:
-            result = train_stage_on_ray(cache, jobs, payload, redis_url_of(jobs.r), service.app, service.replicas,
-                                        observer)
+            result = train_stage_on_ray(self.cache, ctx, task, redis_url_of(ctx.jobs.r), service.app,
+                                        service.replicas)
         except Exception:
-            if jobs.cancel_requested(payload["job"]):
-                raise Cancelled(payload["job"]) from None
+            if ctx.jobs.cancel_requested(task.job):
+                raise Cancelled(task.job) from None
             raise
         if result["stopped_early"] or result["stage"] == spec.curriculum.stages - 1:
             self.end_rollout(spec.name, service)  # the job's last task
@@ -152,8 +148,8 @@ class RayExecutor:
 
     def end_rollout(self, job: str, service: RolloutService) -> None:
         """The job is done sampling: free its own app's CPUs/GPUs, or hand the standing app on."""
-        from cropi.distributed import standing_rollout
-        from cropi.distributed.rollout_serve import stop_rollout_service
+        from cropi.executors.ray import standing_rollout
+        from cropi.executors.ray.rollout_serve import stop_rollout_service
 
         if service.standing:
             standing_rollout.release(service.app, job)

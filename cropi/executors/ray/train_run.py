@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from cropi.distributed.ray_runtime import forwarded_env
+from cropi.executors.ray.cluster import forwarded_env
 
 
 def _rank_entry(config: dict[str, Any]) -> Any:

@@ -1,6 +1,8 @@
 """Rewards: `reward(prompt, response)` dispatches on `prompt.verifier`, so a
 pool may mix data sources (as verl dispatches its reward score on the data
-source). Each verifier maps (response, reference) to 0.0 or 1.0.
+source). Each verifier maps (response, reference) to 0.0 or 1.0; the table
+of verifiers is the one place a reward is looked up, and
+`register_verifier` is how another one gets in.
 
 `verifier="auto"` is resolved by the caller before Prompts are built; it is
 deliberately not a key here."""
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -71,7 +74,22 @@ def math_verifier(response: str, reference: str) -> float:
         return 0.0
 
 
-VERIFIERS: dict[str, Callable[[str, str], float]] = {"int": int_verifier, "math": math_verifier}
+Verifier = Callable[[str, str], float]  # (response, reference) -> reward
+VERIFIERS: dict[str, Verifier] = {"int": int_verifier, "math": math_verifier}
+
+
+@contextmanager
+def register_verifier(name: str, fn: Verifier) -> Iterator[None]:
+    """`name` scores with `fn` inside the block (this process only), then with what it had before."""
+    before = VERIFIERS.get(name)
+    VERIFIERS[name] = fn
+    try:
+        yield
+    finally:
+        if before is None:
+            VERIFIERS.pop(name, None)
+        else:
+            VERIFIERS[name] = before
 
 
 def reward(prompt: Prompt, response: str) -> float:

@@ -17,33 +17,31 @@ two differ only by the floating-point order of a sharded update.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from cropi.curriculum.policy import Draw, evaluate_policy, sample_step
+from cropi.curriculum import layout
+from cropi.curriculum.sampling import Draw, evaluate_policy, sample_step
+from cropi.curriculum.selection import stored_selection
+from cropi.curriculum.stage import TrainerJournal, run_train_task
 from cropi.curriculum.state import Progress
-from cropi.curriculum.workers import (
-    JobCache,
-    Observer,
-    TrainerJournal,
-    run_train_task,
-)
 from cropi.data.sources import JobData
-from cropi.data.types import Prompt
+from cropi.executors.inline import JobCache
 from cropi.runtime.jobs import JobRegistry
+from cropi.runtime.tasks import TaskContext, TrainTask
 from cropi.spec import JobSpec
 
 
-def zero_slot(job: str, step: int) -> str:
-    """Two alternating checkpoint slots: a save that dies halfway never spoils the one the state points to."""
-    return f"jobs/{job}/trainer/zero/slot-{step % 2}"
+def export_hf(trainer: Any, store: Any, prefix: str, tokenizer: Any) -> None:
+    """The ZeRO trainer's weights as a consolidated HF folder under `prefix` (tokenizer too if given),
+    laid out as the inline stage checkpoints. Collective; rank 0 writes; returns once it is stored."""
+    from cropi.executors.ray.weight_sync import publish_weights
 
-
-def weights_prefix(job: str) -> str:
-    return f"jobs/{job}/trainer/weights"
+    publish_weights(trainer.engine, store, prefix, tokenizer)
+    dist.barrier()
 
 
 def _broadcast(obj: Any, rank: int) -> Any:
@@ -56,13 +54,13 @@ class WeightPublisher:
     """After each step, the trainer's weights go to every rollout replica (all ranks call `publish`)."""
 
     def __init__(self, spec: JobSpec, trainer: Any, store: Any, app_name: str, receivers: int, rank: int):
-        from cropi.distributed.weight_channel import get_or_create_board, node_address
+        from cropi.executors.ray.weight_channel import get_or_create_board, node_address
 
         self.spec, self.trainer, self.store, self.rank = spec, trainer, store, rank
         self.board = get_or_create_board(app_name) if rank == 0 else None
         self.group = None
         if spec.ray.weight_sync == "broadcast" and rank == 0:
-            from cropi.distributed.weight_sync import SyncGroup
+            from cropi.executors.ray.weight_sync import SyncGroup
             from cropi.runtime.redis_server import free_port
 
             host, port = node_address(), free_port()
@@ -73,12 +71,12 @@ class WeightPublisher:
 
     def publish(self, version: int) -> None:
         if self.spec.ray.weight_sync == "broadcast":
-            from cropi.distributed.weight_sync import send_weights
+            from cropi.executors.ray.weight_sync import send_weights
 
             send_weights(self.trainer.model, self.group, version, self.spec.ray.sync_bucket_mb << 20)
             return
-        prefix = weights_prefix(self.spec.name)
-        self.trainer.export_hf(self.store, prefix, None)  # replicas read the weights only
+        prefix = layout.published_weights_prefix(self.spec.name)
+        export_hf(self.trainer, self.store, prefix, None)  # replicas read the weights only
         if self.rank == 0:
             import ray
 
@@ -116,15 +114,18 @@ class RayPolicy:
         stats.update(rollout_s=t1 - t0, train_s=t2 - t1, sync_s=time.perf_counter() - t2, draws=draws)
         return stats
 
+    def reset_optimizer(self) -> None:
+        self.trainer.reset_optimizer()
+
 
 def stage_worker(config: dict) -> dict | None:
     """The per-rank loop (runs inside a Ray Train worker); rank 0 returns the task's result."""
     import ray.train
     from ray import serve
 
-    from cropi.distributed.rollout_serve import ServeRolloutEngine
-    from cropi.distributed.zero3 import ZeroGRPOTrainer
+    from cropi.executors.ray.rollout_serve import ServeRolloutEngine
     from cropi.models.loading import load_policy
+    from cropi.rl.zero3 import ZeroGRPOTrainer
     from cropi.runtime.config import open_store, redis_client
 
     rank = ray.train.get_context().get_world_rank()
@@ -158,41 +159,35 @@ def stage_worker(config: dict) -> dict | None:
         policy.sync(journal.progress.step if journal.progress else 0)
 
         def save(progress: Progress) -> None:
-            slot = zero_slot(job, progress.step)
+            slot = layout.zero_slot(job, progress.step)
             trainer.save_state(store, slot)
             dist.barrier()  # every rank's shard is stored before the state points at the slot
             journal.commit(progress, {"zero": slot, "executor": "ray"})
 
-        def put_final(prefix: str) -> None:
-            trainer.export_hf(store, prefix, tokenizer)
-
-        result = run_train_task(policy, data, journal, stage, save, put_final=put_final)
+        result = run_train_task(policy, data, journal, stage, save,
+                                put_checkpoint=lambda prefix: export_hf(trainer, store, prefix, tokenizer))
     finally:
         publisher.close()
     return result if rank == 0 else None
 
 
-def train_stage_on_ray(cache: JobCache, jobs: JobRegistry, payload: dict, redis_url: str, app_name: str,
-                       receivers: int, observer: Observer | None = None) -> dict:
+def train_stage_on_ray(cache: JobCache, ctx: TaskContext, task: TrainTask, redis_url: str, app_name: str,
+                       receivers: int) -> dict:
     """Driver side of a `train` task: one Ray Train run of `stage_worker` on the job's trainer workers."""
-    from cropi.curriculum.selection import stored_selection
-    from cropi.distributed.ray_trainer import run_on_ray_train
+    from cropi.executors.ray.train_run import run_on_ray_train
 
-    job, stage = payload["job"], payload["stage"]
+    job, stage = task.job, task.stage
     spec, store = cache.spec(job), cache.store
-    journal = TrainerJournal(store, jobs, job, heartbeat=lambda: None)  # read here; the ranks keep it
-    if observer:  # the embedded run's display
-        journal.load()
-        selection = stored_selection(store, spec, stage)
-        progress = journal.progress or Progress()
-        if progress.stage == stage and selection is not None:
-            observer("stage_started", stage=stage, progress=progress, selection=selection)
+    journal = TrainerJournal(store, ctx.jobs, job, heartbeat=lambda: None)  # read here; the ranks keep it
+    journal.load()
+    selection = stored_selection(store, spec, stage)
+    progress = journal.progress or Progress()
+    if progress.stage == stage and selection is not None:
+        ctx.observer.stage_started(stage, progress, selection)  # e.g. the embedded run's display
     config = {"store_url": store.url, "redis_url": redis_url, "job": job, "stage": stage, "app_name": app_name,
               "receivers": receivers}
     result = run_on_ray_train(stage_worker, config, workers=spec.ray.trainer_workers, gpus=spec.ray.trainer_gpus)
-    if observer:
-        journal.load()  # the stage's records, as the ranks stored them
-        for record in journal.records.get(str(stage), []):
-            observer("metric", record=record)
+    journal.load()  # the stage's records, as the ranks stored them
+    for record in journal.records.get(str(stage), []):
+        ctx.observer.metric(record)
     return result
-

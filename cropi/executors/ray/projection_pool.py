@@ -25,15 +25,14 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from cropi.curriculum.workers import JobCache
-from cropi.distributed.ray_runtime import actor_env, forwarded_env, init_ray
-from cropi.influence.engine import InfluenceEngine
+from cropi.executors.ray.cluster import actor_env, forwarded_env, init_ray
+from cropi.curriculum.influence import InfluenceEngine
+from cropi.executors.inline import JobCache
 from cropi.influence.popi import POPIProjector
 from cropi.runtime.config import open_store
 
 Part = tuple[str, int]  # (set name, part index), as `InfluenceEngine.stage_parts` lists them
 OnDone = Callable[[Part, dict], None]
-
 
 
 class PoolError(RuntimeError):
@@ -194,10 +193,3 @@ class ProjectionPool:
             self.replaced += 1
         ray.kill(dead, no_restart=True)  # a half-dead actor (e.g. unreachable node) frees its resources
         self._idle.put(fresh)
-
-
-def handle_project_on_pool(pool: ProjectionPool, payload: dict) -> dict:
-    """A `project` task ({"job", "stage", "set", "part"}) run on the pool; the inline handler's result."""
-    job, stage, set_name, part = payload["job"], payload["stage"], payload["set"], payload["part"]
-    pool.project_parts(job, stage, [(set_name, part)])
-    return {"stage": stage, "set": set_name, "part": part}

@@ -15,7 +15,8 @@ version, last-bucket flag), then the buffer.
 
 Store path. `publish_weights` writes the gathered weights as a consolidated
 HF folder (same layout as the stage checkpoints, usable as `model.path`) and
-`load_published_weights` copies them into a replica's model. Prefer it for
+a replica reads them back with `published_weights` (its
+`RolloutReplica.load_weights_from_store`). Prefer it for
 small models, where a few MB through the store cost less than a standing
 process group, and for replicas that join late or cannot reach the trainer's
 network (the broadcast group is fixed at creation and needs a direct route
@@ -260,16 +261,6 @@ def receive_weights(group: SyncGroup, apply: Apply) -> int:
             return header["version"]
 
 
-def hf_apply(model: nn.Module) -> Apply:
-    """An `Apply` that copies received tensors into a local (HF) model's weights by name."""
-    targets = dict(named_weights(model))
-
-    def apply(named: list[tuple[str, torch.Tensor]], version: int) -> None:
-        copy_weights(targets, named)
-
-    return apply
-
-
 def copy_weights(targets: dict[str, torch.Tensor], named: list[tuple[str, torch.Tensor]]) -> None:
     """Copy `named` tensors into `targets` by name; names are checked first, so a bad update changes nothing."""
     unknown = [name for name, _ in named if name not in targets]
@@ -311,13 +302,3 @@ def published_weights(store: ObjectStore, prefix: str) -> list[tuple[str, torch.
     if not keys:
         raise FileNotFoundError(f"no safetensors weights under {prefix}/ in the store")
     return [item for key in sorted(keys) for item in load(store.get(key)).items()]
-
-
-def load_published_weights(store: ObjectStore, prefix: str, model: nn.Module) -> None:
-    """Copy published weights into a local (HF) model; every weight of the model must be there."""
-    targets = dict(named_weights(model))
-    named = published_weights(store, prefix)
-    missing = sorted(set(targets) - {name for name, _ in named})
-    if missing:
-        raise KeyError(f"weights under {prefix}/ lack {len(missing)} of the model's: {missing[:5]}")
-    copy_weights(targets, named)

@@ -1,8 +1,8 @@
 """The embedded run (`cropi run`): the services' controller and workers in one
 process, on a private redis-server (unix socket, AOF in the run folder) and a
-store folder. The stage machine, the task bus and the task handlers are the
-ones a cluster runs (`controller.py`, `workers.py`); only the loop that feeds
-them is local:
+store folder. The stage machine, the task bus and the executors are the
+ones a cluster runs (`curriculum/controller.py`, `runtime/worker.py`,
+`executors/`); only the loop that feeds them is local:
 
     controller.tick() -> claim a task -> run its handler -> ... until the job ends
 
@@ -31,20 +31,23 @@ from rich.progress import (
 )
 from rich.progress import Progress as Progress_
 
-from cropi.curriculum.controller import OFFLINE, PROJECT, TRAIN, Controller
+from cropi.curriculum import layout
+from cropi.curriculum.controller import Controller
 from cropi.curriculum.state import Progress
-from cropi.curriculum.workers import Worker, trainer_state_key
 from cropi.errors import InputError
+from cropi.executors import JobExecutors
 from cropi.models.loading import resolve_model_path
 from cropi.plotting import plot_run
 from cropi.runtime.jobs import TERMINAL, JobRegistry
 from cropi.runtime.queue import TaskBus
 from cropi.runtime.redis_server import RedisServer
 from cropi.runtime.store import LocalStore
+from cropi.runtime.tasks import RunObserver, TaskKind
+from cropi.runtime.worker import Worker
 from cropi.spec import JobSpec
 from cropi.tracking import MetricsLog, truncate_metrics
 
-KINDS = (OFFLINE, PROJECT, TRAIN)
+KINDS = (TaskKind.OFFLINE, TaskKind.PROJECT, TaskKind.TRAIN)
 
 
 @dataclass
@@ -111,7 +114,9 @@ def _sft_progress(console: Console):
     return report
 
 
-class EmbeddedRun:
+class EmbeddedRun(RunObserver):
+    """Drives one job to its end in this process, and shows its progress (it observes its train tasks)."""
+
     def __init__(self, spec: JobSpec, run_dir: Path, console: Console | None = None):
         self.spec = spec
         self.run_dir = run_dir
@@ -121,19 +126,16 @@ class EmbeddedRun:
         self._live_metrics = None
 
     # ----------------------------------------------------------- display
-    def observe(self, event: str, **data) -> None:
-        """Progress from inside the task handlers (the trainer's steps and metrics)."""
-        if event == "metric":
-            self._live_metrics.write(json.dumps(data["record"]) + "\n")
-            self._live_metrics.flush()
-        elif event == "stage_started":
-            self._stage_started(data["stage"], data["progress"], data["selection"])
-        elif event == "step" and self._bar is not None:
-            progress = data["progress"]
-            self._bar.update(self._bar_task, completed=progress.step_in_stage, reward=data["stats"]["reward_mean"],
+    def metric(self, record: dict) -> None:
+        self._live_metrics.write(json.dumps(record) + "\n")
+        self._live_metrics.flush()
+
+    def step(self, progress: Progress, stats: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.update(self._bar_task, completed=progress.step_in_stage, reward=stats["reward_mean"],
                              acc=_fmt_acc(progress.after))
 
-    def _stage_started(self, stage: int, progress: Progress, selection) -> None:
+    def stage_started(self, stage: int, progress: Progress, selection) -> None:
         cur, n = self.spec.curriculum, len(selection.prompt_ids)
         self.console.print(
             f"stage {stage}: {cur.selector} selected {n} of {len(self.data.pool)} prompts"
@@ -159,7 +161,7 @@ class EmbeddedRun:
 
     def _phase_bar(self, kind: str, total: int) -> None:
         self._close_bar()
-        label = {OFFLINE: "offline rollouts (parts)", PROJECT: "POPI projection (parts)"}[kind]
+        label = {TaskKind.OFFLINE: "offline rollouts (parts)", TaskKind.PROJECT: "POPI projection (parts)"}[kind]
         self._bar = Progress_(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                               console=self.console, transient=True)
         self._bar.start()
@@ -197,12 +199,13 @@ class EmbeddedRun:
                 truncate_metrics(self.run_dir, rec["step"])
             with (self.run_dir / "metrics.jsonl").open("a" if not fresh else "w") as live:
                 self._live_metrics = live
-                worker = Worker(list(KINDS), bus, jobs, store, "embedded", observer=self.observe, fail_fast=True)
+                executors = JobExecutors(store)
+                worker = Worker(list(KINDS), bus, jobs, executors, "embedded", observer=self, fail_fast=True)
                 try:
                     self._drive(controller, worker, jobs)
                 finally:
                     self._close_bar()
-                    worker.close()
+                    executors.close()
             rec = jobs.get(spec.name)
             if rec["phase"] == "failed":
                 raise RuntimeError(f"job {spec.name} failed: {rec['error']}")
@@ -218,7 +221,7 @@ class EmbeddedRun:
             rec = jobs.get(job)
             if rec["phase"] in TERMINAL:
                 return
-            if rec["phase"] in (OFFLINE, PROJECT) and phase_seen != (rec["phase"], rec["stage"]):
+            if rec["phase"] in (TaskKind.OFFLINE, TaskKind.PROJECT) and phase_seen != (rec["phase"], rec["stage"]):
                 phase_seen = (rec["phase"], rec["stage"])
                 depth = controller.bus.depth(rec["phase"])
                 self._phase_bar(rec["phase"], depth["waiting"] + depth["pending"])
@@ -231,16 +234,16 @@ class EmbeddedRun:
                 raise RuntimeError(f"job {job} is stuck in phase {rec['phase']!r}: no task to run and no "
                                    "transition possible (a bug; the run folder keeps its state)")
             worker.process_all(tasks)
-            if tasks[0].kind in (OFFLINE, PROJECT) and self._bar is not None:
+            if tasks[0].kind in (TaskKind.OFFLINE, TaskKind.PROJECT) and self._bar is not None:
                 self._bar.advance(self._bar_task, len(tasks))
 
     def _parallel(self, kind: str) -> int:
         """Tasks run at once: one per projection actor when the pool does the work, else one."""
-        return self.spec.ray.projector_actors if kind == PROJECT and self.spec.executor == "ray" else 1
+        return self.spec.ray.projector_actors if kind == TaskKind.PROJECT and self.spec.executor == "ray" else 1
 
     def _finish(self, store: LocalStore, seconds: float) -> RunResult:
         spec, job = self.spec, self.spec.name
-        state = torch.load(io.BytesIO(store.get(trainer_state_key(job))), map_location="cpu", weights_only=False)
+        state = torch.load(io.BytesIO(store.get(layout.trainer_state_key(job))), map_location="cpu", weights_only=False)
         progress = Progress(**state["progress"])
         # metrics.jsonl and TensorBoard from the stored records: the store is the source of truth.
         log = MetricsLog(self.run_dir)
@@ -251,7 +254,7 @@ class EmbeddedRun:
         checkpoint = self.run_dir / "checkpoint"
         shutil.rmtree(checkpoint, ignore_errors=True)
         checkpoint.mkdir()
-        prefix = f"jobs/{job}/final/checkpoint/"
+        prefix = layout.final_checkpoint_prefix(job) + "/"
         for key in store.list(prefix):
             (checkpoint / key[len(prefix):]).write_bytes(store.get(key))
         plot_run(self.run_dir)

@@ -28,7 +28,7 @@ weights; weights are never written while the replica samples.
 Two ways to run it: a per-job app `cropi-rollout-<job>` that the Ray
 executor deploys and deletes (`start_rollout_service`), or a standing app
 that outlives jobs (a RayService's `services.rollout.app:build_app`) and
-serves one job at a time (`claim_standing_service`).
+serves one job at a time (`standing_rollout.claim`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from cropi.distributed.rollout_replica import Request, RolloutConfig, build_replica
+from cropi.executors.ray.replica import Request, RolloutConfig, build_replica
 from cropi.errors import InputError
 from cropi.rollout.base import SamplingParams, Trajectory
 from cropi.spec import JobSpec
@@ -142,7 +142,7 @@ class RolloutServer:
             await asyncio.sleep(_POLL_S)
 
     def _follow_board(self, app_name: str) -> None:
-        from cropi.distributed.weight_channel import follow_board, get_or_create_board
+        from cropi.executors.ray.weight_channel import follow_board, get_or_create_board
 
         try:
             follow_board(get_or_create_board(app_name), self.replica, self._stop)
@@ -171,7 +171,7 @@ def rollout_app(config: RolloutConfig, *, replicas: int = 1, cpus: float = 1, gp
                 version_wait_s: float = DEFAULT_VERSION_WAIT_S, follow_board: bool = True,
                 owner: str | None = None) -> serve.Application:
     """The Serve application of a rollout service (`owner`: the job its base weights belong to, if any)."""
-    from cropi.distributed.ray_runtime import actor_env, forwarded_env
+    from cropi.executors.ray.cluster import actor_env, forwarded_env
 
     threads = max(1, int(cpus))
     actor: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus,
@@ -198,7 +198,7 @@ def start_rollout_service(spec: JobSpec, app_name: str, *, max_batch_size: int =
     the job's weights and follow the weight board of `app_name` unless
     `follow_board` is false.
     """
-    from cropi.distributed.ray_runtime import init_ray
+    from cropi.executors.ray.cluster import init_ray
 
     config = RolloutConfig.from_spec(spec)  # bad settings fail here, before anything starts
     init_ray(spec.ray.address, spec.ray.num_cpus)
@@ -227,7 +227,7 @@ def stop_rollout_service(app_name: str) -> None:
     """Delete the Serve app and its weight board (a later service starts from the base weights)."""
     import ray
 
-    from cropi.distributed.weight_channel import BOARD_NAMESPACE, board_name
+    from cropi.executors.ray.weight_channel import BOARD_NAMESPACE, board_name
 
     if app_status(app_name) is not None:
         serve.delete(app_name)

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from cropi.distributed.weight_sync import SyncGroup, receive_weights
+from cropi.executors.ray.weight_sync import SyncGroup, receive_weights
 
 if TYPE_CHECKING:
-    from cropi.distributed.rollout_replica import RolloutReplica
+    from cropi.executors.ray.replica import RolloutReplica
 
 log = logging.getLogger(__name__)
 

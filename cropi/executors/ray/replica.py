@@ -22,7 +22,6 @@ from cropi.errors import InputError
 from cropi.rollout.base import SamplingParams, Trajectory
 from cropi.spec import JobSpec
 
-ENGINES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 
 Request = tuple[Sequence[str], int, SamplingParams]
@@ -42,8 +41,8 @@ class RolloutConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise InputError(f"rollout.engine: unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
+        if self.engine not in REPLICA_BUILDERS:
+            raise InputError(f"rollout.engine: unknown engine {self.engine!r}; known: {', '.join(REPLICA_BUILDERS)}")
         if not self.model_path:
             raise InputError("model.path: empty (expected a HF model folder, a hub id or builtin:tiny-arith)")
         if self.dtype not in DTYPES:
@@ -79,7 +78,7 @@ class HFReplicaEngine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int):
-        from cropi.distributed.weight_sync import named_weights
+        from cropi.executors.ray.weight_sync import named_weights
         from cropi.rollout.hf import HFRolloutEngine
 
         model.eval().requires_grad_(False)  # a replica samples, never trains
@@ -95,7 +94,7 @@ class HFReplicaEngine:
         return [self.rollout.generate(prompts, n, sampling) for prompts, n, sampling in requests]
 
     def load_weights(self, named_tensors: NamedTensors) -> int:
-        from cropi.distributed.weight_sync import copy_weights
+        from cropi.executors.ray.weight_sync import copy_weights
 
         named = list(named_tensors)
         copy_weights(self._targets, named)
@@ -177,7 +176,7 @@ class RolloutReplica:
 
     def load_weights_from_store(self, store_url: str, prefix: str, version: int, owner: str | None = None) -> int:
         """The object-store path: an HF folder stored under `prefix` (read before taking the lock)."""
-        from cropi.distributed.weight_sync import published_weights
+        from cropi.executors.ray.weight_sync import published_weights
         from cropi.runtime.config import open_store
 
         return self.load_weights(published_weights(open_store(store_url), prefix), version, owner)
@@ -210,21 +209,22 @@ class RolloutReplica:
             yield
 
 
-def build_replica(config: RolloutConfig, owner: str | None = None) -> RolloutReplica:
-    """Load the model and build the engine that `config` names (its base weights belong to `owner`)."""
-    if config.engine == "hf":
-        from cropi.distributed.weight_sync import named_weights
-        from cropi.models.loading import load_policy
+def _hf_replica(config: RolloutConfig, owner: str | None) -> RolloutReplica:
+    from cropi.executors.ray.weight_sync import named_weights
+    from cropi.models.loading import load_policy
 
-        model, tokenizer = load_policy(config.model_path, config.dtype)
-        if torch.cuda.is_available():  # only when Ray gave this replica a GPU
-            model.to("cuda")
-        engine = HFReplicaEngine(model, tokenizer, config.batch_size)
+    model, tokenizer = load_policy(config.model_path, config.dtype)
+    if torch.cuda.is_available():  # only when Ray gave this replica a GPU
+        model.to("cuda")
+    engine = HFReplicaEngine(model, tokenizer, config.batch_size)
 
-        def hf_base() -> NamedTensors:  # built as at start, so tied and derived weights come out alike
-            return named_weights(load_policy(config.model_path, config.dtype)[0])
+    def hf_base() -> NamedTensors:  # built as at start, so tied and derived weights come out alike
+        return named_weights(load_policy(config.model_path, config.dtype)[0])
 
-        return RolloutReplica(engine, engine.weight_names, hf_base, owner)
+    return RolloutReplica(engine, engine.weight_names, hf_base, owner)
+
+
+def _vllm_replica(config: RolloutConfig, owner: str | None) -> RolloutReplica:
     from cropi.rollout.vllm import VLLMRolloutEngine
 
     vllm_engine = VLLMRolloutEngine(
@@ -235,6 +235,17 @@ def build_replica(config: RolloutConfig, owner: str | None = None) -> RolloutRep
     )
     return RolloutReplica(vllm_engine, hf_weight_names(config.model_path),
                           lambda: checkpoint_weights(config.model_path), owner)
+
+
+# `rollout.engine` -> how a replica of it is built.
+REPLICA_BUILDERS: dict[str, Callable[[RolloutConfig, str | None], RolloutReplica]] = {
+    "hf": _hf_replica, "vllm": _vllm_replica,
+}
+
+
+def build_replica(config: RolloutConfig, owner: str | None = None) -> RolloutReplica:
+    """Load the model and build the engine that `config` names (its base weights belong to `owner`)."""
+    return REPLICA_BUILDERS[config.engine](config, owner)
 
 
 def checkpoint_weights(model_path: str) -> NamedTensors:
@@ -256,7 +267,7 @@ def hf_weight_names(model_path: str) -> frozenset[str]:
     """The weight names a trainer of this architecture sends, from a weightless (meta) copy of the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from cropi.distributed.weight_sync import named_weights
+    from cropi.executors.ray.weight_sync import named_weights
     from cropi.models.loading import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(model_path))

@@ -39,7 +39,7 @@ def standing_app_name(spec: JobSpec) -> str | None:
 
 def check_serves(described: dict[str, Any], spec: JobSpec, app: str) -> None:
     """Refuse a job whose rollouts the app would sample from another model or differently."""
-    from cropi.distributed.rollout_replica import RolloutConfig
+    from cropi.executors.ray.replica import RolloutConfig
 
     want = RolloutConfig.from_spec(spec)
     fields = [("model.path", "model_path"), ("model.dtype", "dtype"), ("rollout.engine", "engine")]
@@ -56,7 +56,7 @@ def standing_handle(app: str, address: str | None):
     """The running app's handle; a clear error when no such app runs on this Ray cluster."""
     from ray import serve
 
-    from cropi.distributed.rollout_serve import app_status
+    from cropi.executors.ray.rollout_serve import app_status
 
     state = app_status(app)
     if state not in ("RUNNING", "DEPLOYING"):
@@ -76,8 +76,8 @@ def claim(app: str, job: str, jobs: JobRegistry) -> None:
     """Make `job` the app's owner; `Deferred` while another running job holds it."""
     import ray
 
-    from cropi.curriculum.workers import Deferred
-    from cropi.distributed.weight_channel import get_or_create_board
+    from cropi.runtime.tasks import Deferred
+    from cropi.executors.ray.weight_channel import get_or_create_board
 
     board = get_or_create_board(app)
     while True:
@@ -98,6 +98,6 @@ def release(app: str, job: str) -> None:
     """The job is done with the app (a no-op if it no longer holds it)."""
     import ray
 
-    from cropi.distributed.weight_channel import get_or_create_board
+    from cropi.executors.ray.weight_channel import get_or_create_board
 
     ray.get(get_or_create_board(app).release.remote(job))
