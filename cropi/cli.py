@@ -131,6 +131,15 @@ def inspect(
             for p in st["prompts"][:top]:
                 table.add_row(p["id"], Text(p["text"]), _fmt_opt(p["pass_rate"]), _fmt_opt(p["score"]), p["meta"])
             console.print(table)
+        samples = [(f"offline {s['id']}", r["text"], r["reward"]) for s in st["offline_samples"] for r in s["responses"]]
+        samples += [(f"step {s['step']}", s["response"], s["reward"]) for s in st["training_samples"]]
+        if samples:
+            table = Table(title="what the model said (decoded samples)")
+            for col in ("where", "response", "reward"):
+                table.add_column(col, justify="right" if col == "reward" else "left")
+            for where, text, value in samples:
+                table.add_row(where, Text(text), f"{value:.2f}")
+            console.print(table)
 
 
 def _fmt_opt(value: float | None) -> str:

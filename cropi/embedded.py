@@ -34,11 +34,12 @@ from rich.progress import Progress as Progress_
 from cropi.curriculum import layout
 from cropi.curriculum.controller import Controller
 from cropi.curriculum.state import Progress
+from cropi.devices import resolve_device
 from cropi.errors import InputError
 from cropi.executors import JobExecutors
 from cropi.models.loading import resolve_model_path
 from cropi.plotting import plot_run
-from cropi.runtime.jobs import TERMINAL, JobRegistry
+from cropi.runtime.jobs import TERMINAL, JobRegistry, Phase
 from cropi.runtime.queue import TaskBus
 from cropi.runtime.redis_server import RedisServer
 from cropi.runtime.store import LocalStore
@@ -83,11 +84,21 @@ def prepare_run_dir(spec: JobSpec, run_dir: Path) -> None:
     spec_file.write_text(spec.to_yaml())
 
 
+def _trained(run_dir: Path) -> bool:
+    """Did the folder's run complete a training step? (its trainer state is stored after each one)"""
+    return any((run_dir / "store").glob(layout.trainer_state_key("*")))  # whichever job the folder held
+
+
 def clear_progress(spec: JobSpec, run_dir: Path) -> None:
     """Forget a run's progress (state, store, metrics) so that it starts over.
 
-    Refuses, like a run does, when the folder holds a different job.
+    A folder whose run never trained (it failed to start, or before its first
+    step) takes the new spec. One that holds trained steps of a different
+    spec is refused, like a run is: those results are not thrown away by a typo.
     """
+    spec_file = run_dir / "spec.yaml"
+    if spec_file.is_file() and spec_file.read_text() != spec.to_yaml() and not _trained(run_dir):
+        spec_file.unlink()
     prepare_run_dir(spec, run_dir)
     for name in ("state", "store", "tb", "checkpoint", "redis"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -171,6 +182,7 @@ class EmbeddedRun(RunObserver):
     def run(self) -> RunResult:
         """Run the job, or continue it where a killed run of it stopped."""
         spec, console = self.spec, self.console
+        resolve_device(spec.device)  # a device this machine lacks is refused before the folder is touched
         prepare_run_dir(spec, self.run_dir)
         resolve_model_path(spec.model.path, _sft_progress(console))  # build the built-in model with a visible bar
         start = time.perf_counter()
@@ -207,7 +219,9 @@ class EmbeddedRun(RunObserver):
                     self._close_bar()
                     executors.close()
             rec = jobs.get(spec.name)
-            if rec["phase"] == "failed":
+            if rec["phase"] == Phase.FAILED:
+                if rec.get("error_kind") == "input":
+                    raise InputError(f"job {spec.name}: {rec['error']}")
                 raise RuntimeError(f"job {spec.name} failed: {rec['error']}")
             return self._finish(store, time.perf_counter() - start)
         finally:
@@ -215,9 +229,13 @@ class EmbeddedRun(RunObserver):
 
     def _drive(self, controller: Controller, worker: Worker, jobs: JobRegistry) -> None:
         job = self.spec.name
-        phase_seen = None
+        phase_seen, seen_event = None, "0-0"
         while True:
             controller.tick()
+            for event in jobs.events(job, after=seen_event):
+                seen_event = event["id"]
+                if event["kind"] == "warning":
+                    self.console.print(f"[yellow]warning:[/] {event['message']}")
             rec = jobs.get(job)
             if rec["phase"] in TERMINAL:
                 return

@@ -22,7 +22,7 @@ from cropi.curriculum.influence import POOL
 from cropi.data.sources import JobData, load_job_data
 from cropi.data.types import Prompt
 from cropi.errors import InputError
-from cropi.influence.offline import load_offline
+from cropi.influence.offline import OfflineGroup, load_offline
 from cropi.runtime.store import LocalStore
 from cropi.spec import JobSpec, load_spec
 
@@ -36,6 +36,8 @@ class RunSelections:
     stages: dict[int, dict]  # stage -> stored selection record
     pass_rates: dict[str, float]  # pool prompt id -> offline pass rate (empty without offline data)
     eligible: set[str]  # pool prompt ids with mixed offline rewards (the whole pool without offline data)
+    offline: dict[str, OfflineGroup]  # pool prompt id -> its offline responses (empty without offline data)
+    store: LocalStore
 
 
 def load_run_selections(run_dir: Path) -> RunSelections:
@@ -60,7 +62,32 @@ def load_run_selections(run_dir: Path) -> RunSelections:
         eligible = {g.prompt_id for g in groups if g.eligible}
     else:
         pass_rates, eligible = {}, {p.id for p in data.pool}
-    return RunSelections(spec, data, stages, pass_rates, eligible)
+    return RunSelections(spec, data, stages, pass_rates, eligible, {g.prompt_id: g for g in groups}, store)
+
+
+SAMPLE_PROMPTS = 3  # chosen prompts whose offline responses a report shows
+SAMPLE_STEPS = 3  # training steps whose decoded samples a report shows
+
+
+def offline_samples(run: RunSelections, ids: list[str]) -> list[dict]:
+    """The decoded offline responses (and their rewards) of the first chosen prompts."""
+    out = []
+    for pid in ids[:SAMPLE_PROMPTS]:
+        group = run.offline.get(pid)
+        if group is not None and group.texts:
+            out.append({"id": pid, "responses": [{"text": t, "reward": r}
+                                                 for t, r in list(zip(group.texts, group.rewards))[:2]]})
+    return out
+
+
+def training_samples(run: RunSelections, stage: int) -> list[dict]:
+    """The decoded samples the trainer recorded in the stage's first steps."""
+    key = layout.stage_metrics_key(run.spec.name, stage)
+    if not run.store.exists(key):
+        return []
+    records = [json.loads(line) for line in run.store.get(key).decode().splitlines() if line.strip()]
+    return [{"step": r["step"], **sample} for r in records if r["kind"] == "samples"
+            for sample in r["samples"]][: SAMPLE_STEPS * 2]
 
 
 def meta_label(prompt: Prompt) -> str:
@@ -99,7 +126,8 @@ def stage_report(run: RunSelections, stage: int) -> dict:
                         "score": scores[n] if n < len(scores) else None, "meta": meta_label(p)})
     report = {"stage": stage, "selector": record.get("selector", run.spec.curriculum.selector),
               "selected": len(ids), "eligible": record.get("eligible", len(eligible)), "note": record.get("note", ""),
-              "histograms": histograms(chosen, eligible), "prompts": prompts}
+              "histograms": histograms(chosen, eligible), "prompts": prompts,
+              "offline_samples": offline_samples(run, ids), "training_samples": training_samples(run, stage)}
     previous = run.stages.get(stage - 1)
     if previous is not None:
         a, b = set(previous["prompt_ids"]), set(ids)

@@ -19,9 +19,11 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from cropi.errors import InputError
+from cropi.userfn import is_function_ref, load_function
 
 
 def _require(pattern: str, value: str, message: str) -> str:
@@ -36,19 +38,73 @@ class _Section(BaseModel):
 
 class ModelSpec(_Section):
     path: str = Field("builtin:tiny-arith", description="builtin:tiny-arith, a local HF folder or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on the CPU")
+
+
+BUILTIN_VERIFIERS = ("auto", "int", "math")
+REWARD_ARITY = 3  # a user reward function is called as fn(response, reference, row)
+
+
+def _check_verifier(value: str) -> str:
+    if value in BUILTIN_VERIFIERS:
+        return value
+    if not is_function_ref(value):
+        raise ValueError(f"must be one of {', '.join(BUILTIN_VERIFIERS)}, module:function or path/to/file.py:function")
+    load_function(value, REWARD_ARITY)  # imported now, so that a typo fails at submit, not mid-run
+    return value
 
 
 class DataSource(_Section):
     source: str = Field(description="builtin:arith?..., or a .jsonl/.parquet file or a saved HF dataset folder")
     size: int | None = Field(None, gt=0, description="take at most this many prompts (seeded choice)")
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
-    id_field: str | None = None
-    verifier: Literal["auto", "int", "math"] = Field(
-        "auto", description="auto: builtin sources use int, files use math (math-verify)"
+    prompt_field: str = Field("prompt", description="dotted path of the prompt (a string, or a chat: a list of "
+                                                    "{role, content} messages as in verl parquet)")
+    answer_field: str = Field("answer", description="dotted path of the reference answer, e.g. "
+                                                    "reward_model.ground_truth")
+    id_field: str | None = Field(None, description="dotted path of a stable prompt id (default: the row index)")
+    data_source_field: str = Field("data_source", description="dotted path of the row's data source "
+                                                              "(what verifier_by_source dispatches on)")
+    verifier: str = Field(
+        "auto", description="auto (builtin sources: int, files: math), int, math (math-verify), or a function "
+                            "module:function or path/to/file.py:function called as fn(response, reference, row)"
     )
-    template: str = Field("{prompt}", description="format string applied to each prompt")
+    verifier_by_source: dict[str, str] = Field(
+        default_factory=dict, description="data_source value -> verifier, per row as verl dispatches its reward "
+                                          "(key 'default' for the others); overrides verifier where it matches"
+    )
+    template: str = Field("{prompt}", description="'chat' (the tokenizer's chat template), or a format string "
+                                                  "with {prompt}; write literal braces doubled: \\boxed{{}}")
+    system_prompt: str | None = Field(None, description="with template: chat, a system message before the prompt")
+
+    @field_validator("verifier")
+    @classmethod
+    def _known_verifier(cls, v: str) -> str:
+        return _check_verifier(v)
+
+    @field_validator("verifier_by_source")
+    @classmethod
+    def _known_verifiers(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            try:
+                _check_verifier(value)
+            except ValueError as err:
+                raise ValueError(f"[{key!r}]: {err}") from None
+        return v
+
+    @field_validator("prompt_field", "answer_field", "id_field", "data_source_field")
+    @classmethod
+    def _dotted_path(cls, v: str | None) -> str | None:
+        if v is not None and not all(v.split(".")):
+            raise ValueError("must be a field name or a dotted path such as reward_model.ground_truth")
+        return v
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _system_needs_chat(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("template") != "chat":
+            raise ValueError("only applies with template: chat")
+        return v
 
 
 class NamedSource(DataSource):
@@ -71,9 +127,11 @@ class RolloutSpec(_Section):
     n: int = Field(8, ge=2, description="responses per prompt (group size)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(16, gt=0)
+    max_new_tokens: int | None = Field(None, gt=0, description="response budget (default: 16 for the built-in "
+                                                                "model, 1024 for any other)")
     engine: Literal["hf", "vllm"] = "hf"
-    batch_size: int = Field(256, gt=0, description="sequences per generation batch")
+    batch_size: int | None = Field(None, gt=0, description="sequences per generation batch (default: 256 for the "
+                                                           "built-in model, 32 for any other)")
     tensor_parallel: int = Field(1, gt=0, description="GPUs per vLLM replica (engine: vllm)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of its GPUs' memory")
 
@@ -86,7 +144,8 @@ class OfflineSpec(_Section):
 
 class RLSpec(_Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0)
+    lr: float | None = Field(None, gt=0, description="default: 1e-3 for the built-in model, 1e-6 (the paper's) "
+                                                     "for any other")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer: sgd)")
     batch_prompts: int = Field(16, gt=0)
     kl_coef: float = Field(0.001, ge=0)
@@ -97,7 +156,10 @@ class RLSpec(_Section):
     weight_decay: float = Field(0.0, ge=0)
     ppo_epochs: int = Field(1, gt=0, description="optimizer passes over each rollout batch")
     adv_eps: float = Field(1e-4, gt=0, description="std epsilon of group-normalised advantages")
-    micro_batch: int = Field(256, gt=0, description="sequences per forward/backward (gradient accumulation)")
+    micro_batch: int | None = Field(None, gt=0, description="sequences per forward/backward (gradient "
+                                    "accumulation; default: 256 for the built-in model, 4 for any other)")
+    micro_batch_tokens: int | None = Field(None, gt=0, description="instead of micro_batch: padded tokens per "
+                                           "forward/backward (rows = this // the batch's padded width, at least 1)")
 
 
 Selector = Literal[
@@ -167,6 +229,14 @@ class RaySpec(_Section):
     sync_bucket_mb: int = Field(64, gt=0, description="bucket size of the broadcast weight sync")
 
 
+# Sizes whose default depends on the model (`JobSpec._sized_defaults`): the 1M-parameter toy
+# learns fast from short answers; an LLM needs the paper's small lr and long responses.
+TOY_DEFAULTS = {("rl", "lr"): 1e-3, ("rl", "micro_batch"): 256, ("rollout", "max_new_tokens"): 16,
+                ("rollout", "batch_size"): 256}
+LLM_DEFAULTS = {("rl", "lr"): 1e-6, ("rl", "micro_batch"): 4, ("rollout", "max_new_tokens"): 1024,
+                ("rollout", "batch_size"): 32}
+
+
 class JobSpec(_Section):
     name: str = "cropi-job"
     model: ModelSpec = ModelSpec()
@@ -181,7 +251,14 @@ class JobSpec(_Section):
         "inline", validate_default=True,
         description="inline: tasks run in the worker process; ray: on the Ray components of `ray`")
     ray: RaySpec = RaySpec()
+    device: str = Field("auto", description="where the inline executor computes: auto (CUDA when present), "
+                                            "cpu, cuda or cuda:N")
     seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        return _require(r"auto|cpu|cuda(:\d+)?", v, "must be auto, cpu, cuda or cuda:N")
 
     @field_validator("name")
     @classmethod
@@ -199,6 +276,16 @@ class JobSpec(_Section):
             raise ValueError(f"rollout.engine {rollout.engine} runs in the Ray rollout service; set executor: ray "
                              "(the inline executor uses the 'hf' engine)")
         return v
+
+    @model_validator(mode="after")
+    def _sized_defaults(self) -> JobSpec:
+        """Unset sizes get the defaults of the model's kind: the built-in toy or a real LLM."""
+        sizes = TOY_DEFAULTS if self.model.path.startswith("builtin:") else LLM_DEFAULTS
+        for (section, name), value in sizes.items():
+            part = getattr(self, section)
+            if getattr(part, name) is None:
+                setattr(part, name, value)
+        return self
 
     @property
     def total_steps(self) -> int:

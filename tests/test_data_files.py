@@ -44,7 +44,8 @@ def test_jsonl_default_fields(tmp_path: Path) -> None:
         Prompt(id="000000", text="What is 2+2?", answer="4", verifier="math"),
         Prompt(id="000001", text="What is 3*3?", answer="9", verifier="math"),
     ]
-    assert all(p.meta == {} for p in prompts)
+    # The whole row stays with the prompt (a custom reward function gets it), with where it was read.
+    assert [p.meta for p in prompts] == [{"row": ROWS[0], "where": "line 1"}, {"row": ROWS[1], "where": "line 3"}]
 
 
 def test_jsonl_custom_fields_and_id_field(tmp_path: Path) -> None:

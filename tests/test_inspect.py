@@ -90,3 +90,14 @@ def test_the_command_exits_cleanly_every_time(cropi_run):
     for _ in range(5):
         result = run_cli("inspect", str(run_dir), "--json")
         assert result.returncode == 0, result.stderr
+
+
+def test_the_report_shows_decoded_offline_and_training_samples(cropi_run):
+    run_dir, spec = cropi_run
+    report = json.loads(run_cli("inspect", str(run_dir), "--json").stdout)
+    first = report["stages"][0]
+    assert first["offline_samples"] and all(isinstance(r["text"], str) and 0 <= r["reward"] <= 1
+                                            for s in first["offline_samples"] for r in s["responses"])
+    assert [s["step"] for s in first["training_samples"]] == [1, 1]  # the stage's one step, two samples
+    text = run_cli("inspect", str(run_dir), "--stage", "0").stdout
+    assert "what the model said" in text

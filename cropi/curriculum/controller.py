@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from cropi.curriculum import layout
-from cropi.curriculum.influence import InfluenceEngine
+from cropi.curriculum.influence import POOL, InfluenceEngine
 from cropi.curriculum.selection import needs_offline, needs_projection, select_stage, stored_selection
+from cropi.curriculum.selectors import selection_size
 from cropi.data.sources import JobData, load_job_data
+from cropi.errors import InputError
 from cropi.runtime.jobs import TERMINAL, JobRegistry, Phase
 from cropi.runtime.queue import TaskBus
 from cropi.runtime.store import ObjectStore
@@ -86,6 +88,10 @@ class Controller:
             try:
                 while self.advance(job):
                     moved = True
+            except InputError as err:  # the job's own settings or data: said as they are, no traceback
+                log.warning("job %s failed: %s", job, err)
+                self._end(job, Phase.FAILED, "failed", str(err), error=str(err), error_kind="input")
+                moved = True
             except Exception as err:  # a job's failure must not stop the others
                 log.exception("job %s failed", job)
                 message = f"{type(err).__name__}: {err}"
@@ -122,6 +128,7 @@ class Controller:
                 self.store.put(timing, json.dumps({"seconds": seconds}).encode())
             v.influence.load_offline(v.data)
             self.jobs.event(job, "offline_done", "offline trajectories stored")
+            self._check_eligible(job, v)
             self._enter_stage(job, v, 0)
             return True
         if phase == Phase.PROJECT:
@@ -166,6 +173,20 @@ class Controller:
         phase = Phase.PROJECT if needs_projection(v.spec, stage) else Phase.SELECT
         self._set(job, phase=phase, stage=stage, status="running")
         self.jobs.event(job, "stage_started", f"stage {stage} started", stage=stage)
+
+    def _check_eligible(self, job: str, v: JobView) -> None:
+        """No eligible pool prompt: an error saying what to change. Fewer than a stage keeps: a warning."""
+        groups = v.influence.offline[POOL]
+        eligible = sum(g.eligible for g in groups)
+        wanted = selection_size(len(groups), v.spec.curriculum.select_ratio)
+        if eligible == 0:
+            raise InputError(
+                f"no pool prompt is eligible: all {len(groups)} got equal rewards on their {v.spec.offline.n_pool} "
+                "offline responses, so none has a gradient to select by. Raise offline.temperature or "
+                "offline.n_pool, use easier data, or check the verifier (does the model's answer format match it?)")
+        if eligible < wanted:
+            self.jobs.event(job, "warning", f"only {eligible} of {len(groups)} pool prompts are eligible (mixed "
+                            f"offline rewards); each stage wants {wanted}", eligible=eligible, wanted=wanted)
 
     def _tasks(self, job: str, v: JobView, phase: str, stage: int) -> list[AnyTask]:
         """The tasks of a phase that runs on the workers (none for the others)."""

@@ -68,6 +68,14 @@ def sample_groups(spec: JobSpec, engine: RolloutEngine, step: int, prompts: Sequ
     return groups, [[reward(p, t.text) for t in g] for p, g in zip(prompts, groups)]
 
 
+SAMPLES_PER_STEP = 2  # decoded responses a training step keeps in its records, for people to read
+
+
+def sample_texts(groups: Groups, rewards: Rewards, k: int = SAMPLES_PER_STEP) -> list[dict]:
+    """The first response of the first `k` groups, decoded, with its reward."""
+    return [{"response": g[0].text, "reward": r[0]} for g, r in zip(groups[:k], rewards[:k])]
+
+
 def mixed_groups(groups: Groups, rewards: Rewards) -> tuple[Groups, Rewards]:
     """The groups whose rewards are not all equal: the only ones with a GRPO advantage."""
     kept = [(g, r) for g, r in zip(groups, rewards) if len(set(r)) > 1]

@@ -27,6 +27,11 @@ import numpy as np
 from cropi.seeding import stream_seed
 
 
+def selection_size(pool: int, select_ratio: float) -> int:
+    """How many prompts a stage keeps of a pool of `pool` (at least one when the pool has any)."""
+    return math.ceil(select_ratio * pool)
+
+
 @dataclass
 class SelectionContext:
     stage: int
@@ -39,7 +44,7 @@ class SelectionContext:
 
     @property
     def k(self) -> int:
-        return math.ceil(self.select_ratio * len(self.prompt_ids))
+        return selection_size(len(self.prompt_ids), self.select_ratio)
 
 
 @dataclass

@@ -66,7 +66,10 @@ def train_stage(policy: StagePolicy, data: JobData, progress: Progress, selectio
     while progress.step_in_stage < cur.steps_per_stage:
         i, step = progress.step_in_stage, progress.step + 1
         stats = policy.train_step(step, lambda d, i=i: sampler.batch(i * per_step + d))
+        samples = stats.pop("samples", [])
         log("train", step, stage=stage, **stats)
+        if samples:
+            log("samples", step, stage=stage, samples=samples)
         if step % spec.eval.every == 0 or i == cur.steps_per_stage - 1:
             progress.after = policy.evaluate(data, step, log)
         progress.step, progress.step_in_stage = step, i + 1

@@ -1,6 +1,11 @@
 """Prompts from real dataset files: JSONL, Parquet, or a folder written by
 HF `datasets`' `Dataset.save_to_disk`.
 
+Fields are named by dotted paths into the row (`reward_model.ground_truth`),
+so verl-format parquet reads as it is: `prompt` may be a chat (a list of
+{role, content} messages), `data_source` and `extra_info` are kept with the
+prompt (`meta`), and the whole row goes to a custom reward function.
+
 Every problem with the file is an `InputError` that names the file and the
 row (1-based line for JSONL, since that is what an editor shows; 0-based row
 index for tabular formats, since that is what `datasets`/pandas show)."""
@@ -21,8 +26,22 @@ ACCEPTED = "a .jsonl file, a .parquet file, or a folder saved with datasets' sav
 Row = tuple[str, dict[str, Any]]
 
 
+Chat = list[dict[str, str]]  # [{"role": ..., "content": ...}, ...]
+
+
+def field_at(row: dict[str, Any], path: str) -> Any:
+    """The value at dotted `path` in a row (KeyError naming the first missing part)."""
+    value: Any = row
+    for depth, part in enumerate(path.split(".")):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(".".join(path.split(".")[: depth + 1]))
+        value = value[part]
+    return value
+
+
 def load_file_source(
-    path: str, prompt_field: str, answer_field: str, id_field: str | None, verifier: str
+    path: str, prompt_field: str, answer_field: str, id_field: str | None, verifier: str,
+    data_source_field: str = "data_source",
 ) -> list[Prompt]:
     """Read every row of `path` into a Prompt; see the module docstring for formats."""
     p = Path(path)
@@ -42,15 +61,20 @@ def load_file_source(
     where_seen: dict[str, str] = {}
     for index, (where, row) in enumerate(rows):
         at = f"data file {path}, {where}"
-        text = _required(row, prompt_field, at)
-        if not isinstance(text, str):
-            raise InputError(f"{at}: field {prompt_field!r} must be a string, got {type(text).__name__}")
-        answer = _required(row, answer_field, at)
-        pid = str(_required(row, id_field, at)) if id_field else f"{index:06d}"
+        text, chat = _prompt(_required(row, prompt_field, at), prompt_field, at)
+        answer = _scalar(_required(row, answer_field, at), answer_field, at)
+        pid = _scalar(_required(row, id_field, at), id_field, at) if id_field else f"{index:06d}"
         if pid in where_seen:
             raise InputError(f"{at}: duplicate id {pid!r} (first seen at {where_seen[pid]})")
         where_seen[pid] = where
-        prompts.append(Prompt(id=pid, text=text, answer=str(answer), verifier=verifier, meta={}))
+        meta: dict[str, Any] = {"row": row, "where": where}
+        if chat is not None:
+            meta["chat"] = chat
+        try:
+            meta["data_source"] = _scalar(field_at(row, data_source_field), data_source_field, at)
+        except KeyError:
+            pass
+        prompts.append(Prompt(id=pid, text=text, answer=answer, verifier=verifier, meta=meta))
 
     if not prompts:
         raise InputError(f"data file {path}: no rows")
@@ -58,11 +82,42 @@ def load_file_source(
 
 
 def _required(row: dict[str, Any], name: str, at: str) -> Any:
-    if name not in row:
-        raise InputError(f"{at}: missing field {name!r}")
-    if row[name] is None:
+    try:
+        value = field_at(row, name)
+    except KeyError as missing:
+        where = f" ({missing.args[0]!r} is absent)" if missing.args[0] != name else ""
+        raise InputError(f"{at}: missing field {name!r}{where}") from None
+    if value is None:
         raise InputError(f"{at}: field {name!r} is null")
-    return row[name]
+    return value
+
+
+def _scalar(value: Any, name: str, at: str) -> str:
+    """A string, number or bool as text; never the str() of a dict or list (that scores every response 0)."""
+    if isinstance(value, (dict, list, tuple)):
+        hint = " (name a field inside it with a dotted path, e.g. reward_model.ground_truth)" if isinstance(
+            value, dict) else ""
+        raise InputError(f"{at}: field {name!r} must be a string or number, got {type(value).__name__}{hint}")
+    return str(value)
+
+
+def _prompt(value: Any, name: str, at: str) -> tuple[str, Chat | None]:
+    """The prompt's text and, for a chat (verl's format), its messages."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, (list, tuple)) and value:
+        chat = []
+        for i, message in enumerate(value):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise InputError(f"{at}: field {name!r} must be a string or a chat (a list of messages with "
+                                 f"string 'role' and 'content'); message {i} is not one")
+            chat.append({"role": message["role"], "content": message["content"]})
+        # The text without a template: the last user message (what a non-chat template formats).
+        users = [m["content"] for m in chat if m["role"] == "user"]
+        return (users[-1] if users else chat[-1]["content"]), chat
+    raise InputError(f"{at}: field {name!r} must be a string or a chat (a non-empty list of messages), "
+                     f"got {type(value).__name__}")
 
 
 def _jsonl_rows(p: Path) -> Iterator[Row]:

@@ -9,6 +9,8 @@ deliberately not a key here."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +22,8 @@ from math_verify import parse, verify
 
 from cropi.data.types import Prompt
 from cropi.errors import InputError
+from cropi.spec import REWARD_ARITY
+from cropi.userfn import is_function_ref, load_function
 
 _INT = re.compile(r"-?\d+")
 # An unescaped `$` means the reference already carries its own math delimiters.
@@ -92,11 +96,34 @@ def register_verifier(name: str, fn: Verifier) -> Iterator[None]:
             VERIFIERS[name] = before
 
 
+class RewardError(InputError):
+    """A user's reward function failed or returned something that is not a number."""
+
+
 def reward(prompt: Prompt, response: str) -> float:
-    try:
-        fn = VERIFIERS[prompt.verifier]
-    except KeyError:
+    """The reward of `response`: a built-in verifier (response, reference), or the user's function
+    named `module:function` / `file.py:function`, called as fn(response, reference, row)."""
+    fn = VERIFIERS.get(prompt.verifier)
+    if fn is not None:
+        return fn(response, prompt.answer)
+    if not is_function_ref(prompt.verifier):
         raise InputError(
-            f"prompt {prompt.id}: unknown verifier {prompt.verifier!r} (known: {', '.join(VERIFIERS)})"
-        ) from None
-    return fn(response, prompt.answer)
+            f"prompt {prompt.id}: unknown verifier {prompt.verifier!r} (known: {', '.join(VERIFIERS)}, "
+            "module:function, path/to/file.py:function)")
+    return _user_reward(prompt, response)
+
+
+def _user_reward(prompt: Prompt, response: str) -> float:
+    name = prompt.verifier
+    where = f"prompt {prompt.id}" + (f" ({prompt.meta['where']})" if "where" in prompt.meta else "")
+    try:
+        fn = load_function(name, REWARD_ARITY)
+    except ValueError as err:
+        raise RewardError(f"reward function {name}: {err}") from None
+    try:
+        value = fn(response, prompt.answer, prompt.meta.get("row", {}))
+    except Exception as err:  # the user's code: its failure fails this task, never the worker
+        raise RewardError(f"reward function {name} raised {type(err).__name__} on {where}") from err
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise RewardError(f"reward function {name} returned a {type(value).__name__}, not a number, on {where}")
+    return float(value)

@@ -2,17 +2,21 @@
 
 `builtin:arith?...` generates; anything else is a dataset file or folder.
 `size` takes a seeded subset (in the original order, so ids stay readable);
-`template` formats each prompt; `verifier: auto` picks exact-integer match
-for built-in tasks and math-verify for files.
+`template` formats each prompt or applies the chat template (`templates.py`);
+`verifier: auto` picks exact-integer match for built-in tasks and
+math-verify for files; `verifier_by_source` picks one per row by its
+`data_source`.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
+from typing import Any
 
 from cropi.data import arith
 from cropi.data.files import load_file_source
+from cropi.data.templates import CHAT, chat_prompts, check_context, format_prompts
 from cropi.data.types import Prompt
 from cropi.errors import InputError
 from cropi.seeding import stream_seed
@@ -22,8 +26,8 @@ BUILTIN_ARITH = "builtin:arith"
 POOL_LABEL_NOISE = 0.05  # default fraction of wrong references in a built-in pool
 
 
-def load_source(src: DataSource, role: str, seed: int) -> list[Prompt]:
-    """Prompts of one source; `role` ("pool" or a validation set name) seeds it.
+def load_source(src: DataSource, role: str, seed: int, tokenizer: Any = None, field: str = "data") -> list[Prompt]:
+    """Prompts of one source; `role` ("pool" or a validation set name) seeds it; `field` is its spec path.
 
     Different roles draw from different streams, so a validation set is not
     a copy of the pool's first prompts.
@@ -37,16 +41,33 @@ def load_source(src: DataSource, role: str, seed: int) -> list[Prompt]:
         verifier = "int" if src.verifier == "auto" else src.verifier
     else:
         verifier = "math" if src.verifier == "auto" else src.verifier
-        prompts = load_file_source(src.source, src.prompt_field, src.answer_field, src.id_field, verifier)
+        prompts = load_file_source(src.source, src.prompt_field, src.answer_field, src.id_field, verifier,
+                                   src.data_source_field)
         if src.size is not None and src.size < len(prompts):
             keep = sorted(random.Random(stream_seed("subset", seed, role)).sample(range(len(prompts)), src.size))
             prompts = [prompts[i] for i in keep]
-    if src.template != "{prompt}":
-        try:
-            prompts = [replace(p, text=src.template.format(prompt=p.text)) for p in prompts]
-        except (KeyError, IndexError, ValueError) as err:
-            raise InputError(f"data template {src.template!r} is invalid: use {{prompt}} as the only field ({err})") from None
-    return [replace(p, verifier=verifier) for p in prompts]
+    if src.template == CHAT:
+        if tokenizer is None:
+            raise InputError(f"{field}.template: 'chat' needs the model's tokenizer")
+        prompts = chat_prompts(prompts, tokenizer, src.system_prompt, f"{field}.template")
+    else:
+        prompts = format_prompts(prompts, src.template, f"{field}.template")
+    return [replace(p, verifier=_row_verifier(src, p, verifier, field)) for p in prompts]
+
+
+def _row_verifier(src: DataSource, prompt: Prompt, verifier: str, field: str) -> str:
+    """The verifier of one row: `verifier_by_source` by its data_source where given, else the source's."""
+    if not src.verifier_by_source:
+        return verifier
+    by = src.verifier_by_source
+    source = prompt.meta.get("data_source")
+    chosen = by.get(source) if source is not None else None
+    chosen = chosen or by.get("default")
+    if chosen is None:
+        where = prompt.meta.get("where", f"prompt {prompt.id}")
+        raise InputError(f"{field}.verifier_by_source: {where} has a data_source that is not a key and there is "
+                         "no 'default' key")
+    return "math" if chosen == "auto" else chosen
 
 
 @dataclass
@@ -61,14 +82,28 @@ class JobData:
         return {**self.validation, **self.untargeted}
 
 
-def load_job_data(spec: JobSpec) -> JobData:
-    validation = {v.name: load_source(v, f"valid-{v.name}", spec.seed) for v in spec.data.validation}
-    untargeted = {u.name: load_source(u, f"untargeted-{u.name}", spec.seed) for u in spec.data.untargeted}
+def load_job_data(spec: JobSpec, tokenizer: Any = None) -> JobData:
+    """Every set of the job's prompts. The model's tokenizer (loaded from `model.path` unless given)
+    renders chat templates and checks that prompts fit the model's context; with the built-in model
+    and no chat template it is not needed."""
+    sources = [spec.data.pool, *spec.data.validation, *spec.data.untargeted]
+    max_positions = None
+    if tokenizer is None and (any(s.template == CHAT for s in sources) or not spec.model.path.startswith("builtin:")):
+        from cropi.models.loading import load_tokenizer  # lazily: the controller needs no model otherwise
+
+        tokenizer, max_positions = load_tokenizer(spec.model.path)
+    validation = {v.name: load_source(v, f"valid-{v.name}", spec.seed, tokenizer, f"data.validation[{i}]")
+                  for i, v in enumerate(spec.data.validation)}
+    untargeted = {u.name: load_source(u, f"untargeted-{u.name}", spec.seed, tokenizer, f"data.untargeted[{i}]")
+                  for i, u in enumerate(spec.data.untargeted)}
     names = [v.name for v in spec.data.validation] + [u.name for u in spec.data.untargeted]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise InputError(f"data: evaluation set names must be unique, repeated: {', '.join(sorted(dupes))}")
-    pool = load_source(spec.data.pool, "pool", spec.seed)
+    pool = load_source(spec.data.pool, "pool", spec.seed, tokenizer, "data.pool")
+    if max_positions is not None:
+        for name, prompts in [("pool", pool), *validation.items(), *untargeted.items()]:
+            check_context(prompts, tokenizer, max_positions, spec.rollout.max_new_tokens, name)
     # Never train on an evaluation prompt.
     held_out = {p.text for ps in (*validation.values(), *untargeted.values()) for p in ps}
     clean = [p for p in pool if p.text not in held_out]

@@ -23,9 +23,10 @@ import torch
 
 from cropi.curriculum import layout
 from cropi.curriculum.influence import InfluenceEngine
-from cropi.curriculum.sampling import Draw, Log, evaluate_policy, sample_step
+from cropi.curriculum.sampling import Draw, Log, evaluate_policy, sample_step, sample_texts
 from cropi.curriculum.stage import TrainerJournal, run_train_task
 from cropi.data.sources import JobData, load_job_data
+from cropi.devices import resolve_device, resolve_dtype
 from cropi.models.loading import load_policy
 from cropi.rl.trainer import GRPOTrainer
 from cropi.rollout.hf import HFRolloutEngine
@@ -40,8 +41,11 @@ class Policy:
 
     def __init__(self, spec: JobSpec, build_progress: Callable | None = None):
         self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.dtype = resolve_dtype(spec.model.dtype, self.device)
         torch.manual_seed(spec.seed)
-        self.model, self.tokenizer = load_policy(spec.model.path, spec.model.dtype, build_progress)
+        self.model, self.tokenizer = load_policy(spec.model.path, self.dtype, build_progress)
+        self.model.to(self.device)
         ref = copy.deepcopy(self.model) if spec.rl.kl_coef > 0 else None
         self.engine = HFRolloutEngine(self.model, self.tokenizer, spec.rollout.batch_size)
         self.trainer = GRPOTrainer(self.model, ref, self.tokenizer.pad_token_id, spec.rl, spec.rollout.temperature)
@@ -49,7 +53,7 @@ class Policy:
     def base_model(self) -> torch.nn.Module:
         """The model the job started from (the KL reference when there is one; else loaded once)."""
         if self.trainer.ref_model is None:
-            self.trainer.ref_model = load_policy(self.spec.model.path, self.spec.model.dtype)[0]
+            self.trainer.ref_model = load_policy(self.spec.model.path, self.dtype)[0].to(self.device)
             self.trainer.ref_model.eval().requires_grad_(False)
         return self.trainer.ref_model
 
@@ -70,7 +74,8 @@ class Policy:
         groups, rewards, draws = sample_step(self.spec, self.engine, step, draw)
         t1 = time.perf_counter()
         stats = self.trainer.step(groups, rewards)
-        stats.update(rollout_s=t1 - t0, train_s=time.perf_counter() - t1, draws=draws)
+        stats.update(rollout_s=t1 - t0, train_s=time.perf_counter() - t1, draws=draws,
+                     samples=sample_texts(groups, rewards))
         return stats
 
     def reset_optimizer(self) -> None:

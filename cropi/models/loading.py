@@ -4,6 +4,7 @@ a populated HF cache)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from cropi.devices import local_dtype
 from cropi.errors import InputError
 from cropi.models.tiny import ensure_tiny_model
 
@@ -40,9 +42,26 @@ def resolve_model_path(path: str, progress: Callable[[int, int, float], None] | 
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> tuple[PreTrainedTokenizerBase, int | None]:
+    """The tokenizer of `model.path` and the model's context length (None if its config has none),
+    without loading weights."""
+    from transformers import AutoConfig
+
+    resolved = resolve_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+        config = AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        raise InputError(f"model.path: cannot load the tokenizer of {path!r}: {err}") from None
+    return tokenizer, getattr(config, "max_position_embeddings", None)
+
+
 def load_policy(
     path: str, dtype: str = "float32", progress: Callable[[int, int, float], None] | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer on the CPU; `dtype` "auto" is this process's own device's (`devices.py`)."""
+    dtype = local_dtype(dtype)
     resolved = resolve_model_path(path, progress)
     # cropi draws its own progress bars; transformers' per-load bars are noise.
     hf_logging.disable_progress_bar()

@@ -43,8 +43,9 @@ class Backend(Protocol):
     reference: torch.nn.Module | None  # the frozen KL reference, placed as the backend places it
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
-    def passes(self, n: int) -> list[Pass]:
-        """The row ranges this process runs for a batch of `n` sequences (an empty range: a stand-in pass)."""
+    def passes(self, n: int, rows: int) -> list[Pass]:
+        """The row ranges this process runs for a batch of `n` sequences, `rows` at a time (an empty
+        range: a stand-in pass)."""
         ...
 
     def zero_grad(self) -> None: ...
@@ -82,9 +83,8 @@ class TorchBackend:
         self.scheduler = warmup_schedule(opt, cfg.warmup_steps)
         return opt
 
-    def passes(self, n: int) -> list[Pass]:
-        mb = self.cfg.micro_batch
-        return [(lo, min(n, lo + mb)) for lo in range(0, n, mb)]
+    def passes(self, n: int, rows: int) -> list[Pass]:
+        return [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -135,6 +135,12 @@ class GRPOTrainer:
         """Forget the optimizer's moments and restart the warmup."""
         self.backend.reset_optimizer()
 
+    def rows_per_pass(self, batch: TokenBatch) -> int:
+        """`rl.micro_batch` sequences, or as many as `rl.micro_batch_tokens` padded tokens hold."""
+        if self.cfg.micro_batch_tokens:
+            return max(1, self.cfg.micro_batch_tokens // batch.input_ids.shape[1])
+        return self.cfg.micro_batch
+
     @torch.no_grad()
     def _ref_logprobs(self, batch: TokenBatch, passes: Sequence[Pass]) -> list[torch.Tensor | None]:
         ref = self.backend.reference
@@ -156,7 +162,7 @@ class GRPOTrainer:
         reward_t = torch.tensor(rewards, dtype=torch.float32)
         advantages = group_advantages(reward_t, self.cfg.adv_eps).flatten().to(backend.device)
         batch = collate([t for g in groups for t in g], self.pad_id).to(backend.device)
-        passes = backend.passes(batch.input_ids.shape[0])
+        passes = backend.passes(batch.input_ids.shape[0], self.rows_per_pass(batch))
         ref_logp = self._ref_logprobs(batch, passes)
         total_tokens = batch.response_mask.sum().clamp(min=1.0)
         backend.module.train()

@@ -175,8 +175,8 @@ class ZeroBackend:
             group.pop("initial_lr", None)
         self.scheduler = warmup_schedule(optimizer, self.rl.warmup_steps)
 
-    def passes(self, n: int) -> list[tuple[int, int]]:
-        return micro_batches(n, self.rank, self.world_size, self.rl.micro_batch)
+    def passes(self, n: int, rows: int) -> list[tuple[int, int]]:
+        return micro_batches(n, self.rank, self.world_size, rows)
 
     def zero_grad(self) -> None:
         pass  # the engine clears gradients in its step

@@ -41,7 +41,9 @@ class HFRolloutEngine:
     def generate(self, prompts: Sequence[str], n: int, sampling: SamplingParams) -> list[list[Trajectory]]:
         encoded = [self.tokenizer(p)["input_ids"] for p in prompts]
         flat = [ids for ids in encoded for _ in range(n)]
-        gen = torch.Generator().manual_seed(sampling.seed)
+        # On CUDA the generator lives there too: no host round-trip per sampled token.
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(sampling.seed)
         out: list[Trajectory] = []
         for start in range(0, len(flat), self.batch_size):
             out.extend(self._generate_batch(flat[start : start + self.batch_size], sampling, gen))
@@ -66,20 +68,25 @@ class HFRolloutEngine:
             batch = ids.shape[0]
             done = torch.zeros(batch, dtype=torch.bool, device=device)
             tokens, logps = [], []
-            for _ in range(sp.max_new_tokens):
+            for t in range(sp.max_new_tokens):
                 scaled = logits if sp.greedy else logits / sp.temperature
                 logp = torch.log_softmax(scaled, dim=-1)
                 if sp.greedy:
                     nxt = logp.argmax(-1)
                 else:
                     probs = _top_p_filter(scaled, sp.top_p).softmax(-1)
-                    nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(device)
+                    if gen.device.type == "cuda":
+                        nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                    else:
+                        nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(device)
                 lp = logp.gather(-1, nxt[:, None]).squeeze(-1)
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
                 tokens.append(nxt)
                 logps.append(torch.where(done, torch.zeros_like(lp), lp))
                 done = done | (nxt == eos)
-                if bool(done.all()):
+                # Asking whether all are done syncs with the device: on CUDA only every 16 tokens
+                # (the extra steps after the last EOS add padding that the decoding below cuts off).
+                if (device.type != "cuda" or t % 16 == 15) and bool(done.all()):
                     break
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
                 positions = positions[:, -1:] + 1

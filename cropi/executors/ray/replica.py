@@ -22,7 +22,7 @@ from cropi.errors import InputError
 from cropi.rollout.base import SamplingParams, Trajectory
 from cropi.spec import JobSpec
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 Request = tuple[Sequence[str], int, SamplingParams]
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -225,10 +225,11 @@ def _hf_replica(config: RolloutConfig, owner: str | None) -> RolloutReplica:
 
 
 def _vllm_replica(config: RolloutConfig, owner: str | None) -> RolloutReplica:
+    from cropi.devices import local_dtype
     from cropi.rollout.vllm import VLLMRolloutEngine
 
     vllm_engine = VLLMRolloutEngine(
-        config.model_path, dtype=config.dtype, tensor_parallel_size=config.tensor_parallel,
+        config.model_path, dtype=local_dtype(config.dtype), tensor_parallel_size=config.tensor_parallel,
         gpu_memory_utilization=config.gpu_memory_utilization, seed=config.seed,
         # Beyond one GPU, vLLM's workers are Ray actors in the replica's placement group.
         distributed_executor_backend="ray" if config.tensor_parallel > 1 else None,

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from cropi.curriculum import layout
-from cropi.curriculum.sampling import Draw, evaluate_policy, sample_step
+from cropi.curriculum.sampling import Draw, evaluate_policy, sample_step, sample_texts
 from cropi.curriculum.selection import stored_selection
 from cropi.curriculum.stage import TrainerJournal, run_train_task
 from cropi.curriculum.state import Progress
@@ -111,7 +111,8 @@ class RayPolicy:
         stats = self.trainer.step(groups, rewards)
         t2 = time.perf_counter()
         self.sync(step)
-        stats.update(rollout_s=t1 - t0, train_s=t2 - t1, sync_s=time.perf_counter() - t2, draws=draws)
+        stats.update(rollout_s=t1 - t0, train_s=t2 - t1, sync_s=time.perf_counter() - t2, draws=draws,
+                     samples=sample_texts(groups, rewards))
         return stats
 
     def reset_optimizer(self) -> None:

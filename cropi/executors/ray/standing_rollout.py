@@ -42,7 +42,9 @@ def check_serves(described: dict[str, Any], spec: JobSpec, app: str) -> None:
     from cropi.executors.ray.replica import RolloutConfig
 
     want = RolloutConfig.from_spec(spec)
-    fields = [("model.path", "model_path"), ("model.dtype", "dtype"), ("rollout.engine", "engine")]
+    fields = [("model.path", "model_path"), ("rollout.engine", "engine")]
+    if want.dtype != "auto":  # auto: whatever the app's devices run best
+        fields.append(("model.dtype", "dtype"))
     if want.engine == "hf":
         fields.append(("rollout.batch_size", "batch_size"))
     diffs = [f"{field} is {getattr(want, key)!r}, the app serves {described.get(key)!r}"
