@@ -208,3 +208,17 @@ def test_every_new_field_refuses_bad_input_naming_it_with_exit_2(tmp_path, patch
     result = run_cli("run", str(job), "--out", str(tmp_path / "run"))
     assert result.returncode == 2, result.stderr
     assert field in result.stderr and message in result.stderr, result.stderr
+
+
+def test_data_loads_where_the_models_files_are_absent_unless_a_chat_template_needs_them(tmp_path):
+    # The controller reads the data without the model: only the context check needs its tokenizer,
+    # and the workers (which load the model) run it. A chat template cannot do without it.
+    from cropi.data.sources import load_job_data
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    job = {"model": {"path": str(tmp_path / "not-here")}, "data": {"pool": {"source": str(data)}}}
+    assert len(load_job_data(parse_spec(job)).pool) == 1
+    job["data"]["pool"]["template"] = "chat"
+    with pytest.raises(InputError, match="model.path: .* does not exist"):
+        load_job_data(parse_spec(job))

@@ -87,11 +87,19 @@ def load_job_data(spec: JobSpec, tokenizer: Any = None) -> JobData:
     renders chat templates and checks that prompts fit the model's context; with the built-in model
     and no chat template it is not needed."""
     sources = [spec.data.pool, *spec.data.validation, *spec.data.untargeted]
+    chat = any(s.template == CHAT for s in sources)
     max_positions = None
-    if tokenizer is None and (any(s.template == CHAT for s in sources) or not spec.model.path.startswith("builtin:")):
+    if tokenizer is None and (chat or not spec.model.path.startswith("builtin:")):
         from cropi.models.loading import load_tokenizer  # lazily: the controller needs no model otherwise
 
-        tokenizer, max_positions = load_tokenizer(spec.model.path)
+        try:
+            tokenizer, max_positions = load_tokenizer(spec.model.path)
+        except InputError:
+            if chat:
+                raise
+            # Only the context check needed it: a controller without the model's files skips it,
+            # and the workers, which load the model, run it.
+            tokenizer = None
     validation = {v.name: load_source(v, f"valid-{v.name}", spec.seed, tokenizer, f"data.validation[{i}]")
                   for i, v in enumerate(spec.data.validation)}
     untargeted = {u.name: load_source(u, f"untargeted-{u.name}", spec.seed, tokenizer, f"data.untargeted[{i}]")
