@@ -11,8 +11,7 @@ import re
 import torch
 
 from cropi.errors import InputError
-
-DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"
+from cropi.spec import DEVICE_PATTERN
 
 
 def resolve_device(name: str) -> torch.device:

@@ -42,6 +42,7 @@ class ModelSpec(_Section):
         "auto", description="auto: bfloat16 on CUDA, float32 on the CPU")
 
 
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"  # `device:` (resolved by cropi/devices.py)
 BUILTIN_VERIFIERS = ("auto", "int", "math")
 REWARD_ARITY = 3  # a user reward function is called as fn(response, reference, row)
 
@@ -258,7 +259,7 @@ class JobSpec(_Section):
     @field_validator("device")
     @classmethod
     def _device_name(cls, v: str) -> str:
-        return _require(r"auto|cpu|cuda(:\d+)?", v, "must be auto, cpu, cuda or cuda:N")
+        return _require(DEVICE_PATTERN, v, "must be auto, cpu, cuda or cuda:N")
 
     @field_validator("name")
     @classmethod
