@@ -32,6 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from cropi.influence.offline import OfflineGroup
+from cropi.influence.popi_batched import batched_gradients, chunks
 from cropi.rl.batch import collate, response_logits, token_logprobs
 from cropi.rl.grpo import group_advantages
 from cropi.rollout.base import Trajectory
@@ -85,7 +86,11 @@ class POPIProjector:
     """
 
     def __init__(self, model: PreTrainedModel, projector, pad_id: int, adv_eps: float = 1e-4,
-                 temperature: float | None = None, behaviour: PreTrainedModel | None = None):
+                 temperature: float | None = None, behaviour: PreTrainedModel | None = None,
+                 batch_tokens: int | None = None):
+        """`batch_tokens`: project chunks of groups whose padded batch holds at most this many tokens
+        in one pass (`popi_batched.py`); None: one backward per prompt."""
+        self.batch_tokens = batch_tokens
         self.model = model
         self.projector = projector
         self.pad_id = pad_id
@@ -124,6 +129,22 @@ class POPIProjector:
         finally:
             self._acc = None
 
+    def _project_batched(self, groups: Sequence[OfflineGroup],
+                         progress: Callable[[int], None] | None) -> list[torch.Tensor | None]:
+        rows: list[torch.Tensor | None] = [None] * len(groups)
+        eligible = [i for i, g in enumerate(groups) if len(set(g.rewards)) > 1]
+        if progress is not None and len(groups) > len(eligible):
+            progress(len(groups) - len(eligible))
+        for chunk in chunks([groups[i] for i in eligible], self.batch_tokens):
+            members = [eligible[j] for j in chunk]
+            grads = batched_gradients(self.model, [groups[i] for i in members], self.pad_id, self.adv_eps,
+                                      self.temperature, self.behaviour)
+            for b, i in enumerate(members):
+                rows[i] = self.projector.project_flat((name, g[b]) for name, g in grads.items())
+            if progress is not None:
+                progress(len(members))
+        return rows
+
     def project_groups(
         self, groups: Sequence[OfflineGroup], progress: Callable[[int], None] | None = None
     ) -> ProjectedGradients:
@@ -131,10 +152,13 @@ class POPIProjector:
         self.model.eval()  # no dropout: the gradient must be a function of theta alone
         rows: list[torch.Tensor | None] = []
         try:
-            for group in groups:
-                rows.append(self.project_group(group))
-                if progress is not None:
-                    progress(1)
+            if self.batch_tokens:
+                rows = self._project_batched(groups, progress)
+            else:
+                for group in groups:
+                    rows.append(self.project_group(group))
+                    if progress is not None:
+                        progress(1)
         finally:
             self.model.train(was_training)
         vectors = np.zeros((len(groups), self.projector.dim), dtype=np.float32)
