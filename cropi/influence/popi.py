@@ -32,7 +32,8 @@ import torch
 from transformers import PreTrainedModel
 
 from cropi.influence.offline import OfflineGroup
-from cropi.influence.popi_batched import batched_gradients, chunks
+from cropi.influence.popi_batched import chunks
+from cropi.influence.popi_grouped import grouped_gradients
 from cropi.rl.batch import collate, response_logits, token_logprobs
 from cropi.rl.grpo import group_advantages
 from cropi.rollout.base import Trajectory
@@ -137,10 +138,12 @@ class POPIProjector:
             progress(len(groups) - len(eligible))
         for chunk in chunks([groups[i] for i in eligible], self.batch_tokens):
             members = [eligible[j] for j in chunk]
-            grads = batched_gradients(self.model, [groups[i] for i in members], self.pad_id, self.adv_eps,
-                                      self.temperature, self.behaviour)
-            for b, i in enumerate(members):
-                rows[i] = self.projector.project_flat((name, g[b]) for name, g in grads.items())
+            accumulators = [self.projector.new_accumulator() for _ in members]
+            grouped_gradients(self.model, [groups[i] for i in members], self.pad_id, self.adv_eps,
+                              lambda b, name, grad: accumulators[b].add(name, grad), self.temperature,
+                              self.behaviour)
+            for acc, i in zip(accumulators, members):
+                rows[i] = acc.result()
             if progress is not None:
                 progress(len(members))
         return rows

@@ -1,3 +1,8 @@
+"""Issue F2 probe: batched POPI (POPIProjector(batch_tokens=...)) against the per-prompt loop on
+62 eligible tiny-model groups x 8 responses, 1 thread: equality, speed, run-to-run identity.
+
+    .venv/bin/python docs/bench/popi_batched_check.py
+"""
 import time, torch, numpy as np
 from cropi.models.loading import load_policy
 from cropi.influence.offline import collect_offline, load_offline
@@ -17,7 +22,7 @@ with register_verifier("int", lambda r, ref: float(sum(map(ord, r)) % 3 == 0)):
 groups = load_offline(store, "p/")
 print("eligible", sum(g.eligible for g in groups), "of", len(groups))
 proj = SparseProjector(8192, 1.0, 0)
-for bt in (None, 2048, 8192):
+for bt in (None, 2048, 8192, 32768):
     p = POPIProjector(model, proj, tok.pad_token_id, batch_tokens=bt)
     p.project_groups(groups[:4])
     t0 = time.perf_counter(); out = p.project_groups(groups); dt = time.perf_counter() - t0
@@ -27,24 +32,3 @@ for bt in (None, 2048, 8192):
     print(f"batch_tokens={bt}: {dt:.2f}s  speedup {base/dt:.2f}x  max rel err {rel:.2e}  eligible same {np.array_equal(out.eligible, ref.eligible)}")
 p = POPIProjector(model, proj, tok.pad_token_id, batch_tokens=8192); a = p.project_groups(groups); b = p.project_groups(groups); p.close()
 print("bit-identical run to run:", np.array_equal(a.vectors, b.vectors))
-from cropi.influence.popi_batched import batched_gradients, chunks
-el = [g for g in groups if g.eligible]
-for bt in (2048, 8192, 32768):
-    cs = chunks(el, bt)
-    t0 = time.perf_counter()
-    gs = [batched_gradients(model, [el[i] for i in c], tok.pad_token_id, 1e-4) for c in cs]
-    t1 = time.perf_counter()
-    for c, g in zip(cs, gs):
-        for b in range(len(c)):
-            proj.project_flat((n, x[b]) for n, x in g.items())
-    t2 = time.perf_counter()
-    print(f"bt {bt}: {len(cs)} chunks, grads {t1-t0:.2f}s, projection {t2-t1:.2f}s")
-p = POPIProjector(model, proj, tok.pad_token_id)
-import cProfile, pstats
-t0=time.perf_counter()
-for g in el: 
-    model.zero_grad(set_to_none=True)
-    from cropi.influence.popi import popi_loss
-    popi_loss(model, g, tok.pad_token_id).backward()
-print("loop backward only (hooks project)", time.perf_counter()-t0)
-p.close()
