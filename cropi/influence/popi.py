@@ -136,6 +136,8 @@ class POPIProjector:
         eligible = [i for i, g in enumerate(groups) if len(set(g.rewards)) > 1]
         if progress is not None and len(groups) > len(eligible):
             progress(len(groups) - len(eligible))
+        # Similar widths together: a chunk pads every sequence to its widest one.
+        eligible.sort(key=lambda i: (len(groups[i].prompt_ids) + max(map(len, groups[i].response_ids)), i))
         for chunk in chunks([groups[i] for i in eligible], self.batch_tokens):
             members = [eligible[j] for j in chunk]
             accumulators = [self.projector.new_accumulator() for _ in members]

@@ -13,7 +13,7 @@ from cropi.runtime.store import LocalStore
 from cropi.data import arith
 from cropi.data.rewards import register_verifier
 import tempfile
-torch.set_num_threads(1)
+import sys; torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 model, tok = load_policy("builtin:tiny-arith?sft_steps=30&sft_batch=64")
 store = LocalStore(tempfile.mkdtemp())
 prompts = arith.generate(64, seed="bt", skills=("add","mul","rev"), digits=(1,2))
