@@ -32,6 +32,7 @@ _S31 = np.uint64(31)
 _S32 = np.uint64(32)
 _ONE = np.uint64(1)
 _LOW31 = np.uint64((1 << 31) - 1)
+_ALL = np.uint64(1 << 32)  # a threshold at or above this keeps every block
 
 
 #: Blocks hashed per window before the kept ones are summed (see below).
@@ -103,6 +104,13 @@ def sketch_chunk(g, offset, pkey, thr, k, block, scale, z):
     b0 = offset // block
     b1 = (offset + n - 1) // block
     end_chunk = offset + n
+    if thr >= _ALL:
+        # Every block kept (sparse_ratio 1): blocks are contiguous, so the hardware prefetcher
+        # streams `g` and the window bookkeeping below is pure overhead. Same adds, same order.
+        for b in range(b0, b1 + 1):
+            h = _mix64(pkey + np.uint64(b) * _GOLDEN)
+            _add_block(g, offset, n, end_chunk, b, h, ku, block, scale, z)
+        return
     kept = np.empty(WINDOW, np.int64)
     hashes = np.empty(WINDOW, np.uint64)
     for w0 in range(b0, b1 + 1, WINDOW):
@@ -119,23 +127,27 @@ def sketch_chunk(g, offset, pkey, thr, k, block, scale, z):
                 pe = min(pb + block, n)
                 for c in range(pb, pe, LINE):
                     _prefetch(g, c)
-            b = kept[i]
-            h = hashes[i]
-            o = ((h & _LOW31) * ku) >> _S31
-            s = scale if ((h >> _S31) & _ONE) == _ONE else -scale
-            start = max(b * block, offset)
-            stop = min((b + 1) * block, end_chunk)
-            # Unsigned indices: numba then skips its negative-index
-            # wraparound, which otherwise blocks vectorisation of the adds.
-            m = np.uint64(stop - start)
-            src = np.uint64(start - offset)
-            pos = o + np.uint64(start - b * block)
-            if pos >= ku:
-                pos -= ku
-            first = min(ku - pos, m)
-            # Two contiguous slices instead of a per-element modulo.
-            for t in range(first):
-                z[pos + t] += s * g[src + t]
-            src2 = src + first
-            for t in range(m - first):
-                z[t] += s * g[src2 + t]
+            _add_block(g, offset, n, end_chunk, kept[i], hashes[i], ku, block, scale, z)
+
+
+@njit(cache=True, fastmath=False, inline="always")
+def _add_block(g, offset, n, end_chunk, b, h, ku, block, scale, z):
+    """Add block `b` (hash `h`) of the chunk into its buckets of `z`, in coordinate order."""
+    o = ((h & _LOW31) * ku) >> _S31
+    s = scale if ((h >> _S31) & _ONE) == _ONE else -scale
+    start = max(b * block, offset)
+    stop = min((b + 1) * block, end_chunk)
+    # Unsigned indices: numba then skips its negative-index
+    # wraparound, which otherwise blocks vectorisation of the adds.
+    m = np.uint64(stop - start)
+    src = np.uint64(start - offset)
+    pos = o + np.uint64(start - b * block)
+    if pos >= ku:
+        pos -= ku
+    first = min(ku - pos, m)
+    # Two contiguous slices instead of a per-element modulo.
+    for t in range(first):
+        z[pos + t] += s * g[src + t]
+    src2 = src + first
+    for t in range(m - first):
+        z[t] += s * g[src2 + t]
