@@ -195,10 +195,33 @@ class InfluenceSpec(_Section):
                                 "temperature they were sampled at, so rho = 1 at the base policy; 1.0 recomputes "
                                 "both policies at T = 1, as the reference code does")
 
+    batch_tokens: int | None = Field(
+        4096, gt=0, description="scoring pass size: the offline groups of many prompts share one forward and "
+                                "backward holding at most this many tokens (prompts once per group); null: one "
+                                "backward per prompt. Results equal within fp32 rounding either way")
+    candidates: int | None = Field(
+        None, gt=0, description="score only a seeded random subset of this many eligible pool prompts per "
+                                "stage (a new subset each stage); null scores every pool prompt")
+    params: list[str] | None = Field(
+        None, min_length=1, description="take POPI gradients of these parameters only: glob patterns on "
+                                        "parameter names, or 'last:L' for the last L decoder layers, the final "
+                                        "norm and the output head; backward stops below the lowest one. "
+                                        "null: every trainable parameter")
+
     @field_validator("logprob_temperature", mode="before")
     @classmethod
     def _sampling_keyword(cls, v: Any) -> Any:
         return None if v == "sampling" else v
+
+    @field_validator("params")
+    @classmethod
+    def _param_patterns(cls, v: list[str] | None) -> list[str] | None:
+        for i, pattern in enumerate(v or []):
+            if not pattern.strip():
+                raise ValueError(f"entry {i} is empty")
+            if pattern.startswith("last:") and not (pattern[5:].isdigit() and int(pattern[5:]) > 0):
+                raise ValueError(f"entry {i}: 'last:L' needs a positive whole number of layers")
+        return v
 
 
 class EvalSpec(_Section):

@@ -129,7 +129,7 @@ def test_chunks_out_of_order_are_refused():
 
 
 def test_dtypes_layouts_and_big_pieces_match_the_fp32_contiguous_input(monkeypatch):
-    import cropi.influence.projection as mod
+    import cropi.influence.accumulators as mod
 
     monkeypatch.setattr(mod, "_PIECE", 1000)  # force the piecewise conversion path
     proj = SparseProjector(512, 0.4, seed=4, block=32)
@@ -313,3 +313,49 @@ def test_result_is_fp32_k_and_does_not_consume_the_accumulator():
         "seed": 0,
         "block": 10,
     }
+
+
+# --- segments, threads and batches ----------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_segments_threads_and_chunking_do_not_change_a_bit(ratio):
+    """A long parameter is sketched in fixed segments (here 256 coordinates), whole ones in
+    parallel: the bytes are the same for any chunking and any number of threads."""
+    import numba
+
+    proj = SparseProjector(512, ratio, seed=5, block=16, segment=256)
+    g = torch.randn(256 * 9 + 77, generator=torch.Generator().manual_seed(0))
+    ref = _bytes(proj.project_flat([("w", g)]))
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        assert _bytes(proj.project_flat([("w", g)])) == ref
+    finally:
+        numba.set_num_threads(before)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        acc = proj.new_accumulator()
+        cuts = sorted(set(rng.integers(0, g.numel(), size=5).tolist()) | {0, 512, 1024 + 16, g.numel()})
+        for a, b in zip(cuts, cuts[1:]):
+            acc.add("w", g[a:b], offset=a)
+        assert _bytes(acc.result()) == ref
+    norm = float(g.norm())
+    assert torch.allclose(proj.project_flat([("w", g)]), _project_torch(proj, [("w", g)]), atol=1e-5 * norm)
+
+
+def test_a_batch_of_gradients_gives_each_row_what_its_own_accumulator_gives():
+    proj = SparseProjector(256, 0.5, seed=9, block=16, segment=512)
+    gen = torch.Generator().manual_seed(2)
+    grads = {"small": torch.randn(3, 40, 7, generator=gen), "long": torch.randn(3, 2000, generator=gen),
+             "bf16": torch.randn(3, 100, generator=gen).to(torch.bfloat16)}
+    batch = proj.new_batch(3)
+    for name, g in grads.items():
+        batch.add(name, g)
+    rows = batch.results()
+    for r in range(3):
+        assert _bytes(rows[r]) == _bytes(proj.project_flat([(name, g[r]) for name, g in grads.items()]))
+    with pytest.raises(ValueError, match="added twice"):
+        batch.add("small", grads["small"])
+    with pytest.raises(ValueError, match="2 rows, expected 3"):
+        batch.add("other", torch.ones(2, 5))

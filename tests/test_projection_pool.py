@@ -63,7 +63,7 @@ def offline_store(tmp_path_factory, tiny_model) -> Path:
 def stage_parts(offline_store) -> list[tuple[str, int]]:
     engine = InfluenceEngine(parse_spec(SPEC), LocalStore(offline_store))
     engine.load_offline(load_job_data(engine.spec))
-    return engine.stage_parts()
+    return engine.stage_parts(0)
 
 
 @pytest.fixture(scope="module")

@@ -57,7 +57,7 @@ def _prepare_store(store, spec, runs: int) -> tuple[list[tuple[str, int]], float
         put_checkpoint(store, layout.checkpoint_prefix(JOB, stage), policy)
     groups = influence.offline[POOL]
     eligible = sum(g.eligible for g in groups) / max(1, len(groups))
-    return [p for p in influence.stage_parts() if p[0] == POOL], eligible
+    return [p for p in influence.stage_parts(1) if p[0] == POOL], eligible
 
 
 def _timed_run(store_url: str, actors: int, stage: int, parts: list[tuple[str, int]]) -> dict:

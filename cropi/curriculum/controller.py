@@ -195,7 +195,7 @@ class Controller:
         if phase == Phase.PROJECT:
             if not v.influence.offline:
                 v.influence.load_offline(v.data)
-            return [ProjectTask(job, stage, set_name, index) for set_name, index in v.influence.stage_parts()]
+            return [ProjectTask(job, stage, set_name, index) for set_name, index in v.influence.stage_parts(stage)]
         if phase == Phase.TRAIN:
             return [TrainTask(job, stage)]
         return []

@@ -12,6 +12,7 @@ loaded, not recomputed, so a stage interrupted halfway resumes where it was.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from cropi.influence.projection import SparseProjector
 from cropi.influence.scoring import choose_target_prompts, cosine_scores, target_vector
 from cropi.rollout.base import RolloutEngine
 from cropi.runtime.store import ObjectStore
+from cropi.seeding import stream_seed
 from cropi.spec import JobSpec
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -44,6 +46,21 @@ class StageScores:
     prompt_ids: list[str]
     eligible: np.ndarray  # [N] bool
     scores: dict[str, np.ndarray]  # validation set -> [N] cosine (-inf where ineligible)
+
+
+def _over_the_pool(scored: ProjectedGradients, pool_ids: list[str]) -> ProjectedGradients:
+    """The projections of the scored candidates laid out over the whole pool: the prompts not
+    scored this stage get zero rows and are not eligible."""
+    if scored.prompt_ids == pool_ids:
+        return scored
+    rows = {pid: i for i, pid in enumerate(scored.prompt_ids)}
+    at = np.array([rows.get(pid, -1) for pid in pool_ids])
+    hit = at >= 0
+    vectors = np.zeros((len(pool_ids), scored.vectors.shape[1]), dtype=scored.vectors.dtype)
+    vectors[hit] = scored.vectors[at[hit]]
+    norms, eligible = np.zeros(len(pool_ids), scored.norms.dtype), np.zeros(len(pool_ids), bool)
+    norms[hit], eligible[hit] = scored.norms[at[hit]], scored.eligible[at[hit]]
+    return ProjectedGradients(prompt_ids=list(pool_ids), vectors=vectors, norms=norms, eligible=eligible)
 
 
 class InfluenceEngine:
@@ -99,8 +116,9 @@ class InfluenceEngine:
         self.collect_offline(None, data)
 
     # ------------------------------------------------------------------ stage
-    def _stage_groups(self) -> list[tuple[str, list[OfflineGroup]]]:
-        """What a stage projects: the chosen target prompts of each validation set, then the pool."""
+    def _stage_groups(self, stage: int) -> list[tuple[str, list[OfflineGroup]]]:
+        """What a stage projects: the chosen target prompts of each validation set, then the pool
+        (its seeded candidates for this stage, with `influence.candidates`)."""
         inf = self.spec.influence
         sets = []
         for name in (v.name for v in self.spec.data.validation):
@@ -111,12 +129,22 @@ class InfluenceEngine:
             chosen = set(choose_target_prompts(eligible, inf.max_valid_prompts, inf.seed, name))
             groups = self.offline[set_name]
             sets.append((set_name, [g for g in groups if g.prompt_id in chosen]))
-        sets.append((POOL, self.offline[POOL]))
+        sets.append((POOL, self.candidates(stage)))
         return sets
 
-    def stage_parts(self) -> list[tuple[str, int]]:
+    def candidates(self, stage: int) -> list[OfflineGroup]:
+        """The pool groups stage `stage` scores: all of them, or `influence.candidates` of the
+        eligible ones drawn by a seeded choice of their own for each stage (in pool order)."""
+        pool, n = self.offline[POOL], self.spec.influence.candidates
+        eligible = [i for i, g in enumerate(pool) if g.eligible]
+        if n is None or n >= len(eligible):
+            return pool if n is None else [pool[i] for i in eligible]
+        rng = random.Random(stream_seed("candidates", self.spec.influence.seed, stage))
+        return [pool[i] for i in sorted(rng.sample(eligible, n))]
+
+    def stage_parts(self, stage: int) -> list[tuple[str, int]]:
         """Every (set, part index) a stage projects: one `project` task each in the services."""
-        return [(set_name, index) for set_name, groups in self._stage_groups()
+        return [(set_name, index) for set_name, groups in self._stage_groups(stage)
                 for index in range(math.ceil(len(groups) / self.part_size))]
 
     def project_part(self, stage: int, set_name: str, index: int, popi: POPIProjector) -> None:
@@ -127,7 +155,7 @@ class InfluenceEngine:
         if self.needs_behaviour_model(stage) and popi.behaviour is None:
             raise RuntimeError(f"stage {stage}: influence.logprob_temperature needs the base model to re-score "
                                "the offline responses; none was given to the influence engine")
-        groups = dict(self._stage_groups())[set_name]
+        groups = dict(self._stage_groups(stage))[set_name]
         chunk = groups[index * self.part_size : (index + 1) * self.part_size]
         save_projected(self.store, key, popi.project_groups(chunk), self.projector.describe())
 
@@ -144,8 +172,10 @@ class InfluenceEngine:
         """Gradient hooks on the model (remove them with `.close()`)."""
         if self.model is None:
             raise RuntimeError("this influence engine has no model: it can only read stored gradients")
+        inf = self.spec.influence
         return POPIProjector(self.model, self.projector, self.tokenizer.pad_token_id, self.spec.rl.adv_eps,
-                             self.spec.influence.logprob_temperature, self.behaviour)
+                             inf.logprob_temperature, self.behaviour, batch_tokens=inf.batch_tokens,
+                             params=inf.params)
 
     def score_stage(self, stage: int, progress: Progress | None = None) -> StageScores:
         """Cosine scores of every pool prompt against every validation target at the current policy.
@@ -156,7 +186,7 @@ class InfluenceEngine:
         popi = None
         projected: dict[str, list[ProjectedGradients]] = {}
         try:
-            for set_name, groups in self._stage_groups():
+            for set_name, groups in self._stage_groups(stage):
                 n_parts = math.ceil(len(groups) / self.part_size)
                 for index in range(n_parts):
                     key = layout.grads_key(self.spec.name, stage, set_name, index)
@@ -170,7 +200,7 @@ class InfluenceEngine:
         finally:
             if popi is not None:
                 popi.close()
-        pool = concat(projected[POOL])
+        pool = _over_the_pool(concat(projected[POOL]), [g.prompt_id for g in self.offline[POOL]])
         targets = {name: target_vector(concat(projected.get(valid_set_name(name), [])))
                    for name in (v.name for v in self.spec.data.validation)}
         return StageScores(

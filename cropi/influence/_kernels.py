@@ -4,16 +4,18 @@ Kept out of `projection.py` so that the hashing constants and the kernel sit
 together and the numba cache is keyed on a small, rarely edited file.
 
 All hash arithmetic is done in uint64 (numba mixes int64 and uint64 into
-float64, so every constant and cast here is explicit). No `fastmath`, no
-`parallel`: each z bucket must receive its additions in one fixed order for
-the results to be bit-identical.
+float64, so every constant and cast here is explicit). No `fastmath`: each z
+bucket must receive its additions in one fixed order for the results to be
+bit-identical. The only parallel kernel, `sketch_segments`, gives every
+segment its own partial vector, so threads never share a bucket and the
+thread count cannot change a bit.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -144,10 +146,38 @@ def _add_block(g, offset, n, end_chunk, b, h, ku, block, scale, z):
     pos = o + np.uint64(start - b * block)
     if pos >= ku:
         pos -= ku
-    first = min(ku - pos, m)
+    if pos + m <= ku:
+        # The common case: one contiguous slice, so the loop has no wrap to test for.
+        for t in range(m):
+            z[pos + t] += s * g[src + t]
+        return
+    first = ku - pos
     # Two contiguous slices instead of a per-element modulo.
     for t in range(first):
         z[pos + t] += s * g[src + t]
     src2 = src + first
     for t in range(m - first):
         z[t] += s * g[src2 + t]
+
+
+@njit(cache=True, fastmath=False, parallel=True)
+def sketch_segments(g, offset, pkey, thr, k, block, scale, parts, segment):
+    """Sketch `parts.shape[0]` whole segments of `segment` coordinates, in parallel.
+
+    `g` starts at coordinate `offset` of its parameter, a multiple of `segment`
+    (itself a multiple of `block`), and holds `parts.shape[0] * segment`
+    coordinates. Row `i` of `parts` (zeros on entry) receives the sketch of
+    segment `i` alone, added in coordinate order: the same operations as
+    `sketch_chunk` on that segment into a zero vector, whichever thread runs it.
+    """
+    for i in prange(parts.shape[0]):
+        a = i * segment
+        sketch_chunk(g[a : a + segment], offset + a, pkey, thr, k, block, scale, parts[i])
+
+
+@njit(cache=True, fastmath=False, parallel=True)
+def sketch_rows(g, offset, pkey, thr, k, block, scale, z):
+    """Row `r` of `z` += the sketch of row `r` of `g` (2-D, fp32, C order): one parameter's
+    gradients of many prompts, each into its own vector, so threads never share a bucket."""
+    for r in prange(g.shape[0]):
+        sketch_chunk(g[r], offset, pkey, thr, k, block, scale, z[r])

@@ -33,7 +33,8 @@ from transformers import PreTrainedModel
 
 from cropi.influence.offline import OfflineGroup
 from cropi.influence.popi_batched import chunks
-from cropi.influence.popi_grouped import grouped_gradients
+from cropi.influence.param_subset import only_these_trainable, select_parameters
+from cropi.influence.popi_grouped import grouped_gradients, supports_grouped
 from cropi.rl.batch import collate, response_logits, token_logprobs
 from cropi.rl.grpo import group_advantages
 from cropi.rollout.base import Trajectory
@@ -71,6 +72,28 @@ def popi_loss(model: PreTrainedModel, group: OfflineGroup, pad_id: int, adv_eps:
     return -(per_sequence * advantages).mean()
 
 
+#: Memory for the per-group fp32 copies of one layer's weight gradient in a batched pass.
+_GROUP_GRADIENT_BYTES = 1 << 30
+
+
+class _Rows:
+    """`new_batch` for a projector that has only `new_accumulator` (the dense reference)."""
+
+    def __init__(self, projector, rows: int) -> None:
+        self.accumulators = [projector.new_accumulator() for _ in range(rows)]
+
+    def add(self, name: str, grads: torch.Tensor) -> None:
+        for acc, grad in zip(self.accumulators, grads):
+            acc.add(name, grad)
+
+    def results(self) -> list[torch.Tensor]:
+        return [acc.result() for acc in self.accumulators]
+
+
+def _batch_of(projector, rows: int):
+    return projector.new_batch(rows) if hasattr(projector, "new_batch") else _Rows(projector, rows)
+
+
 @dataclass
 class ProjectedGradients:
     prompt_ids: list[str]
@@ -88,10 +111,12 @@ class POPIProjector:
 
     def __init__(self, model: PreTrainedModel, projector, pad_id: int, adv_eps: float = 1e-4,
                  temperature: float | None = None, behaviour: PreTrainedModel | None = None,
-                 batch_tokens: int | None = None):
+                 batch_tokens: int | None = None, params: Sequence[str] | None = None):
         """`batch_tokens`: project chunks of groups whose padded batch holds at most this many tokens
-        in one pass (`popi_batched.py`); None: one backward per prompt."""
+        in one pass (`popi_grouped.py`); None: one backward per prompt. `params`: patterns of the
+        parameters to take gradients of (`param_subset.py`); None: all trainable ones."""
         self.batch_tokens = batch_tokens
+        self.params = select_parameters(model, params) if params else None
         self.model = model
         self.projector = projector
         self.pad_id = pad_id
@@ -136,16 +161,17 @@ class POPIProjector:
         eligible = [i for i, g in enumerate(groups) if len(set(g.rewards)) > 1]
         if progress is not None and len(groups) > len(eligible):
             progress(len(groups) - len(eligible))
-        # Similar widths together: a chunk pads every sequence to its widest one.
-        eligible.sort(key=lambda i: (len(groups[i].prompt_ids) + max(map(len, groups[i].response_ids)), i))
-        for chunk in chunks([groups[i] for i in eligible], self.batch_tokens):
+        # Similar lengths together: a chunk pads every prompt and every response to its longest.
+        eligible.sort(key=lambda i: (max(map(len, groups[i].response_ids)), len(groups[i].prompt_ids), i))
+        largest = max(p.numel() for p in self.model.parameters() if p.requires_grad)
+        max_groups = max(1, _GROUP_GRADIENT_BYTES // (4 * largest))
+        for chunk in chunks([groups[i] for i in eligible], self.batch_tokens, max_groups):
             members = [eligible[j] for j in chunk]
-            accumulators = [self.projector.new_accumulator() for _ in members]
-            grouped_gradients(self.model, [groups[i] for i in members], self.pad_id, self.adv_eps,
-                              lambda b, name, grad: accumulators[b].add(name, grad), self.temperature,
-                              self.behaviour)
-            for acc, i in zip(accumulators, members):
-                rows[i] = acc.result()
+            batch = _batch_of(self.projector, len(members))
+            grouped_gradients(self.model, [groups[i] for i in members], self.pad_id, self.adv_eps, batch.add,
+                              self.temperature, self.behaviour)
+            for row, i in zip(batch.results(), members):
+                rows[i] = row
             if progress is not None:
                 progress(len(members))
         return rows
@@ -157,13 +183,8 @@ class POPIProjector:
         self.model.eval()  # no dropout: the gradient must be a function of theta alone
         rows: list[torch.Tensor | None] = []
         try:
-            if self.batch_tokens:
-                rows = self._project_batched(groups, progress)
-            else:
-                for group in groups:
-                    rows.append(self.project_group(group))
-                    if progress is not None:
-                        progress(1)
+            with only_these_trainable(self.model, self.params):
+                rows = self._project_all(groups, progress)
         finally:
             self.model.train(was_training)
         vectors = np.zeros((len(groups), self.projector.dim), dtype=np.float32)
@@ -176,6 +197,17 @@ class POPIProjector:
             norms=np.linalg.norm(vectors, axis=1),
             eligible=np.array([z is not None for z in rows], dtype=bool),
         )
+
+    def _project_all(self, groups: Sequence[OfflineGroup],
+                     progress: Callable[[int], None] | None) -> list[torch.Tensor | None]:
+        if self.batch_tokens and supports_grouped(self.model):
+            return self._project_batched(groups, progress)
+        rows: list[torch.Tensor | None] = []  # else one backward per prompt
+        for group in groups:
+            rows.append(self.project_group(group))
+            if progress is not None:
+                progress(1)
+        return rows
 
 
 def full_flat_gradient(model: PreTrainedModel, loss_fn: Callable[[], torch.Tensor]) -> Iterable[tuple[str, torch.Tensor]]:

@@ -69,22 +69,23 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from cropi.errors import InputError
-from cropi.influence._kernels import MASK64, mix64_py, sketch_chunk
+from cropi.influence._kernels import MASK64, mix64_py
+from cropi.influence.accumulators import Accumulator, BatchAccumulator
 
-__all__ = ["Accumulator", "DenseGaussianProjector", "SparseProjector", "HASH_VERSION", "name_hash"]
+__all__ = ["Accumulator", "BatchAccumulator", "DenseGaussianProjector", "SparseProjector", "HASH_VERSION", "name_hash"]
 
 #: Bumped whenever the hash scheme changes (projections of different versions
 #: are not comparable). Store it alongside saved projections.
 HASH_VERSION = 1
 
 _SEED_SALT = 0x43524F5049534B31  # "CROPISK1"
-_PIECE = 1 << 20  # conversion buffer, in coordinates (4 MiB fp32)
+_SEGMENT = 1 << 21  # coordinates per independently sketched segment (rounded to whole blocks)
 
 
 def name_hash(name: str) -> int:
@@ -97,38 +98,6 @@ def _param_key(seed: int, name: str) -> int:
     return mix64_py(mix64_py((seed & MASK64) ^ _SEED_SALT) ^ name_hash(name))
 
 
-def _fp32_pieces(t: torch.Tensor, base: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield `(flat offset, contiguous fp32 CPU 1-D tensor)` covering `t` in
-    row-major order, copying at most `_PIECE` coordinates at a time."""
-    n = t.numel()
-    if n == 0:
-        return
-    if t.is_contiguous():
-        t = t.view(-1)
-        if t.dtype == torch.float32 and t.device.type == "cpu":
-            yield base, t
-            return
-    if n <= _PIECE or t.dim() <= 1:
-        flat = t.reshape(-1) if t.dim() != 1 else t
-        for a in range(0, n, _PIECE):
-            part = flat[a : a + _PIECE]
-            buf = torch.empty(part.shape, dtype=torch.float32)
-            buf.copy_(part)
-            yield base + a, buf
-        return
-    row = n // t.shape[0]
-    if row <= _PIECE:
-        step = _PIECE // row
-        for a in range(0, t.shape[0], step):
-            part = t[a : a + step]
-            buf = torch.empty(part.shape, dtype=torch.float32)
-            buf.copy_(part)
-            yield base + a * row, buf.view(-1)
-    else:
-        for a in range(t.shape[0]):
-            yield from _fp32_pieces(t[a], base + a * row)
-
-
 class SparseProjector:
     """Block-shifted sparse sketch `R^d -> R^k` (see the module docstring).
 
@@ -136,7 +105,8 @@ class SparseProjector:
     seed: any int (taken mod 2^64). block: coordinates per block, 1 <= block <= dim.
     """
 
-    def __init__(self, dim: int, sparse_ratio: float, seed: int, block: int = 64) -> None:
+    def __init__(self, dim: int, sparse_ratio: float, seed: int, block: int = 64, *,
+                 segment: int = _SEGMENT) -> None:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise InputError(f"projection dim must be a positive integer, got {dim!r}")
         if dim >= 1 << 31:
@@ -156,6 +126,9 @@ class SparseProjector:
         self.threshold = min(1 << 32, max(1, round(self.sparse_ratio * (1 << 32))))
         self.effective_ratio = self.threshold / (1 << 32)
         self.scale = np.float32(1.0 / math.sqrt(self.effective_ratio))
+        # Coordinates per independently sketched segment (whole blocks). It changes only the
+        # order of fp32 additions, not the sketch; tests make it small to cover many segments.
+        self.segment = block * max(1, segment // block)
         self._keys: dict[str, int] = {}
 
     def __repr__(self) -> str:
@@ -184,61 +157,16 @@ class SparseProjector:
     def new_accumulator(self) -> Accumulator:
         return Accumulator(self)
 
+    def new_batch(self, rows: int) -> BatchAccumulator:
+        """Accumulators for `rows` gradients that arrive together, parameter by parameter."""
+        return BatchAccumulator(self, rows)
+
     def project_flat(self, named: Iterable[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """Project a whole gradient given as `(name, tensor)` pairs; fp32 [k]."""
         acc = self.new_accumulator()
         for name, grad in named:
             acc.add(name, grad)
         return acc.result()
-
-
-class Accumulator:
-    """Streaming projection of one gradient; see `SparseProjector.new_accumulator`."""
-
-    def __init__(self, projector: SparseProjector) -> None:
-        self.projector = projector
-        self._partials: dict[str, np.ndarray] = {}
-        self._next: dict[str, int] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self._partials)
-
-    def add(self, name: str, grad: torch.Tensor, offset: int = 0) -> None:
-        """Add the flat chunk `grad.reshape(-1)` starting at coordinate `offset`
-        of parameter `name`. Chunks of one parameter must come in increasing,
-        non-overlapping offset order."""
-        if not isinstance(name, str):
-            raise InputError(f"parameter name must be a str, got {type(name).__name__}")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise InputError(f"offset must be a non-negative integer, got {offset!r}")
-        if not isinstance(grad, torch.Tensor):
-            raise InputError(f"gradient of {name!r} must be a torch.Tensor, got {type(grad).__name__}")
-        if not grad.is_floating_point():
-            raise InputError(f"gradient of {name!r} must be floating point, got {grad.dtype}")
-        expected = self._next.get(name, 0)
-        if offset < expected:
-            raise InputError(
-                f"chunks of parameter {name!r} must arrive in increasing, non-overlapping offset order: "
-                f"got offset {offset}, but coordinates up to {expected} were already added"
-            )
-        p = self.projector
-        z = self._partials.get(name)
-        if z is None:
-            z = self._partials[name] = np.zeros(p.dim, dtype=np.float32)
-        key = np.uint64(p.param_key(name))
-        thr = np.uint64(p.threshold)
-        with torch.no_grad():
-            for start, piece in _fp32_pieces(grad.detach()):
-                sketch_chunk(piece.numpy(), offset + start, key, thr, p.dim, p.block, p.scale, z)
-        self._next[name] = offset + grad.numel()
-
-    def result(self) -> torch.Tensor:
-        """The projection so far: fp32 [k], partials summed in sorted-name order."""
-        out = np.zeros(self.projector.dim, dtype=np.float32)
-        for name in sorted(self._partials):
-            out += self._partials[name]
-        return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------
