@@ -196,7 +196,7 @@ class InfluenceSpec(_Section):
                                 "both policies at T = 1, as the reference code does")
 
     batch_tokens: int | None = Field(
-        4096, gt=0, description="scoring pass size: the offline groups of many prompts share one forward and "
+        2048, gt=0, description="scoring pass size: the offline groups of many prompts share one forward and "
                                 "backward holding at most this many tokens (prompts once per group); null: one "
                                 "backward per prompt. Results equal within fp32 rounding either way")
     candidates: int | None = Field(

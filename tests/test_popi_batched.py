@@ -127,3 +127,19 @@ def test_a_parameter_subset_projects_exactly_that_part_of_the_gradient(tiny_mode
         reference = projector.project_flat([(n, g) for n, g in flat if n in chosen]).numpy()
         assert relative_errors(out.vectors[i:i + 1], reference[None]).max() < 1e-5
     assert all(p.requires_grad for p in model.parameters())  # the subset was frozen only while scoring
+
+
+def test_a_head_tied_to_the_embedding_gets_both_gradients_in_batches_too(tiny_model, groups):
+    """Qwen2.5-0.5B/1.5B tie lm_head to the input embedding: one parameter, two modules."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model, tok = tiny_model
+    torch.manual_seed(0)
+    tied = Qwen2ForCausalLM(Qwen2Config(vocab_size=model.config.vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        tie_word_embeddings=True, pad_token_id=tok.pad_token_id))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    loop = project(tied, tok, groups[:10])
+    batched = project(tied, tok, groups[:10], batch_tokens=600)
+    ok = loop.eligible
+    assert relative_errors(batched.vectors[ok], loop.vectors[ok]).max() < 1e-5

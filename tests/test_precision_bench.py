@@ -30,5 +30,10 @@ def test_precision_bench_tiny(mixed_rewards):
     best = max(r["precision_mean"] for r in grid)
     chosen = next(r for r in grid if (r["sparse_ratio"], r["proj_dim"]) == (rec["sparse_ratio"], rec["proj_dim"]))
     assert chosen["precision_mean"] >= best - 0.02
+    options = {row["option"]: row for row in out["options"]}
+    assert set(options) == {"params=last:1", "params=last:2", "params=lm_head.*", "candidates=0.25 of eligible",
+                            "candidates=0.5 of eligible", "candidates=0.75 of eligible"}
+    assert all(0.0 <= row["precision_mean"] <= 1.0 for row in out["options"])
+    assert 0 < options["params=lm_head.*"]["parameter_share"] < options["params=last:1"]["parameter_share"] < 1
     again = run_precision_bench(**kwargs)
-    assert again["grid"] == grid and again["recommended"] == rec
+    assert again["grid"] == grid and again["recommended"] == rec and again["options"] == out["options"]

@@ -138,9 +138,22 @@ def bench_popi(
     response_len: int = typer.Option(256, "--response-len", min=1),
     proj_dim: int = typer.Option(8192, "--proj-dim", min=1),
     sparse_ratio: float = typer.Option(0.1, "--sparse-ratio", min=1e-6, max=1.0),
+    batched: bool = typer.Option(False, "--batched", help="instead: batched POPI vs the per-prompt loop on --job"),
+    job: Path = typer.Option(Path("examples/arith.yaml"), "--job", help="with --batched: the job's model, data and "
+                             "influence settings"),
+    prompts: int = typer.Option(400, "--prompts", min=2, help="with --batched: pool prompts sampled offline"),
+    batch_tokens: int | None = typer.Option(None, "--batch-tokens", min=1,
+                                            help="with --batched: tokens per pass (default: the job's)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Time and peak memory of a projected POPI gradient vs a plain backward of the same batch."""
+    """Time and peak memory of a projected POPI gradient vs a plain backward of the same batch
+    (--batched: throughput of batched POPI vs one backward per prompt, same vectors)."""
+    if batched:
+        from cropi.bench.popi_batched import run_batched_popi_bench
+
+        report = run_batched_popi_bench(job=job, prompts=prompts, batch_tokens=batch_tokens)
+        _print_report(report, as_json, "batched POPI vs the per-prompt loop (ratios measured in this run)")
+        return
     from cropi.bench.popi import run_popi_bench
 
     report = run_popi_bench(hidden=hidden, layers=layers, group=group, response_len=response_len,
@@ -174,6 +187,13 @@ def bench_precision(
         table.add_row(str(ratio), *(f"{cells[k]['precision_mean']:.2f}±{cells[k]['precision_std']:.2f}" for k in dims))
     console.print(table)
     console.print(f"recommended: {report['recommended']}")
+    options = Table(title="cheaper scoring at k=8192, sparse_ratio 1.0: precision@10% vs exact full gradients")
+    for column in ("option", "precision", "spearman"):
+        options.add_column(column, justify="left" if column == "option" else "right")
+    for row in report["options"]:
+        rho = f"{row['spearman_mean']:.2f}" if "spearman_mean" in row else "-"
+        options.add_row(row["option"], f"{row['precision_mean']:.2f}±{row['precision_std']:.2f}", rho)
+    console.print(options)
 
 
 def _print_report(report: dict, as_json: bool, title: str) -> None:

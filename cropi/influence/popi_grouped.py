@@ -58,9 +58,6 @@ def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if not (isinstance(module, (nn.Linear, nn.Embedding)) or _is_rmsnorm(module)):
             raise Unsupported(f"{prefix}: {type(module).__name__}")
         out.append((prefix, module))
-    if len({id(p) for _, m in out for p in m.parameters(recurse=False)}) != sum(
-            len(list(m.parameters(recurse=False))) for _, m in out):
-        raise Unsupported("tied parameters")
     return out
 
 
@@ -122,10 +119,24 @@ def grouped_gradients(model: PreTrainedModel, groups: Sequence[OfflineGroup], pa
             _, xs, ds = calls.setdefault(name, (module, [], []))
             xs.append(_per_group(x, n_groups))
             ds.append(_per_group(d, n_groups))
+    # A parameter shared by two modules (an output head tied to the input embedding) gets the
+    # sum of both modules' gradients, under the name `named_parameters` gives it.
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    owners: dict[str, int] = {}
+    for _, module in modules:
+        for p in module.parameters(recurse=False):
+            owners[canonical[id(p)]] = owners.get(canonical[id(p)], 0) + 1
+    tied: dict[str, torch.Tensor] = {}
     for name, (module, xs, ds) in calls.items():
         x, d = (torch.cat(xs, 1), torch.cat(ds, 1)) if len(xs) > 1 else (xs[0], ds[0])
         for param_name, grad in _group_grads(module, x, d):
-            add(f"{name}.{param_name}" if name else param_name, grad)
+            key = canonical[id(getattr(module, param_name))]
+            if owners[key] == 1:
+                add(key, grad)
+            else:
+                tied[key] = tied[key] + grad if key in tied else grad
+    for key, grad in tied.items():
+        add(key, grad)
 
 
 @contextlib.contextmanager
