@@ -15,8 +15,9 @@ Prints ONE markdown table, one row per check (sub-rows a2, a3 ...):
       per prompt, with `batch_tokens` (the spec's default and 4 groups per pass) and
       with `params=["last:4"]` where the projector takes it, against a plain forward
       + backward of the same POPI loss without hooks. The notes say which path ran
-      (grouped or one backward per prompt) and whether the Triton kernel did; the
-      grouped path refuses tied weights, so it is also measured on an untied copy.
+      (grouped or one backward per prompt) and whether the Triton kernel did (the
+      0.5B config ties its head to the embedding; the grouped path sums both parts,
+      and an untied copy is measured only if a grouped pass refuses the tie).
   c   one bf16 ZeRO-3 GRPO step (`ZeroGRPOTrainer`, NCCL, world size 1).
   d   NCCL weight sync (`weight_sync.send_weights` over a `SyncGroup`): world 1
       (packing + NCCL launch only) or, with 2+ GPUs, a real broadcast to a receiver

@@ -1,4 +1,4 @@
-"""Cost model of CROPI's influence stage against GRPO training (docs/cost_model_draft.md).
+"""Cost model of CROPI's influence stage against GRPO training (docs/performance.md, "Cost model at 1.5B–7B").
 
     python docs/bench/cost_model.py            # the tables of the doc (markdown)
     python docs/bench/cost_model.py --mfu 0.3 --gen-tput-7b 6000 ...   # other assumptions
