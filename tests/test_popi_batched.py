@@ -143,3 +143,20 @@ def test_a_head_tied_to_the_embedding_gets_both_gradients_in_batches_too(tiny_mo
     batched = project(tied, tok, groups[:10], batch_tokens=600)
     ok = loop.eligible
     assert relative_errors(batched.vectors[ok], loop.vectors[ok]).max() < 1e-5
+
+
+def test_the_batched_bench_reports_speed_equality_and_identity(tmp_path, mixed_rewards):
+    import yaml
+
+    from cropi.bench.popi_batched import run_batched_popi_bench
+
+    from .jobs import tiny_job
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(tiny_job(offline={"n_pool": 8, "n_valid": 4, "temperature": 1.0},
+                                           name="bench")))
+    report = run_batched_popi_bench(job=job, prompts=30, repeats=1, batch_tokens=300, reference_prompts=4)
+    assert report["scored_prompts"] > 2 and report["batch_tokens"] == 300
+    assert report["max_relative_error"] < 1e-5 and report["bit_identical_run_to_run"]
+    assert report["per_prompt_loop_vs_float64"] < 1e-4 and report["batched_vs_float64"] < 1e-4
+    assert report["speedup"] == pytest.approx(report["per_prompt_loop_ms"] / report["batched_ms"])

@@ -128,8 +128,7 @@ def grouped_gradients(model: PreTrainedModel, groups: Sequence[OfflineGroup], pa
             owners[canonical[id(p)]] = owners.get(canonical[id(p)], 0) + 1
     tied: dict[str, torch.Tensor] = {}
     for name, (module, xs, ds) in calls.items():
-        x, d = (torch.cat(xs, 1), torch.cat(ds, 1)) if len(xs) > 1 else (xs[0], ds[0])
-        for param_name, grad in _group_grads(module, x, d):
+        for param_name, grad in _group_grads(module, xs, ds):
             key = canonical[id(getattr(module, param_name))]
             if owners[key] == 1:
                 add(key, grad)
@@ -183,25 +182,41 @@ def _per_group(t: torch.Tensor, n_groups: int) -> torch.Tensor:
     return t.reshape(n_groups, -1) if t.dim() == 2 and not t.is_floating_point() else t.reshape(n_groups, -1, t.shape[-1])
 
 
-def _group_grads(module: nn.Module, x: torch.Tensor, d: torch.Tensor):
+def _group_grads(module: nn.Module, xs: list[torch.Tensor], ds: list[torch.Tensor]):
     """(parameter name, [groups, *shape]) per trainable parameter of `module`, from its inputs
-    `x` and output gradients `d`, both [groups, rows, ...]."""
-    n_groups = x.shape[0]
+    `xs` and output gradients `ds` in each pass, each [groups, rows, ...]. The passes are
+    accumulated in place in a fixed order, never concatenated (a copy of every activation)."""
+    n_groups = xs[0].shape[0]
     if isinstance(module, nn.Embedding):
-        d = d.float()
-        grad = torch.zeros(n_groups, module.num_embeddings, d.shape[-1], dtype=torch.float32, device=d.device)
-        grad.scatter_add_(1, x[..., None].expand(-1, -1, d.shape[-1]), d)
+        grad = torch.zeros(n_groups, module.num_embeddings, ds[0].shape[-1], dtype=torch.float32, device=ds[0].device)
+        for x, d in zip(xs, ds):
+            grad.scatter_add_(1, x[..., None].expand(-1, -1, d.shape[-1]), d.float())
         if module.padding_idx is not None:
             grad[:, module.padding_idx] = 0  # as autograd: the padding row never gets a gradient
         yield "weight", grad
         return
-    x, d = x.float(), d.float()
     if isinstance(module, nn.Linear):
         if module.weight.requires_grad:
-            yield "weight", torch.bmm(d.transpose(1, 2), x)
+            grad = None
+            for x, d in zip(xs, ds):
+                dt, xf = d.float().transpose(1, 2), x.float()
+                grad = torch.bmm(dt, xf) if grad is None else grad.baddbmm_(dt, xf)
+            yield "weight", grad
         if module.bias is not None and module.bias.requires_grad:
-            yield "bias", d.sum(1)
+            yield "bias", _summed(d.float().sum(1) for d in ds)
         return
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    yield "weight", (d * normed.to(module.weight.dtype).float()).sum(1)
+
+    def one(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return (d.float() * normed.to(module.weight.dtype).float()).sum(1)
+
+    yield "weight", _summed(one(x, d) for x, d in zip(xs, ds))
+
+
+def _summed(parts) -> torch.Tensor:
+    total = None
+    for part in parts:
+        total = part if total is None else total.add_(part)
+    return total
