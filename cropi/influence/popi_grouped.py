@@ -61,6 +61,17 @@ def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+def _parameter_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> tuple[dict[int, str], dict[str, int]]:
+    """The name `named_parameters` gives each parameter (the projector's key), and how many of
+    `modules` own it: two for an output head tied to the input embedding."""
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    owners: dict[str, int] = {}
+    for _, module in modules:
+        for p in module.parameters(recurse=False):
+            owners[canonical[id(p)]] = owners.get(canonical[id(p)], 0) + 1
+    return canonical, owners
+
+
 def supports_grouped(model: nn.Module) -> bool:
     """Can `grouped_gradients` split this model's weight gradients per group?"""
     try:
@@ -119,14 +130,8 @@ def grouped_gradients(model: PreTrainedModel, groups: Sequence[OfflineGroup], pa
             _, xs, ds = calls.setdefault(name, (module, [], []))
             xs.append(_per_group(x, n_groups))
             ds.append(_per_group(d, n_groups))
-    # A parameter shared by two modules (an output head tied to the input embedding) gets the
-    # sum of both modules' gradients, under the name `named_parameters` gives it.
-    canonical = {id(p): name for name, p in model.named_parameters()}
-    owners: dict[str, int] = {}
-    for _, module in modules:
-        for p in module.parameters(recurse=False):
-            owners[canonical[id(p)]] = owners.get(canonical[id(p)], 0) + 1
-    tied: dict[str, torch.Tensor] = {}
+    canonical, owners = _parameter_names(model, modules)
+    tied: dict[str, torch.Tensor] = {}  # a parameter of two modules gets the sum of both parts
     for name, (module, xs, ds) in calls.items():
         for param_name, grad in _group_grads(module, xs, ds):
             key = canonical[id(getattr(module, param_name))]
