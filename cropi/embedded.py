@@ -33,6 +33,7 @@ from rich.progress import Progress as Progress_
 
 from cropi.curriculum import layout
 from cropi.curriculum.controller import Controller
+from cropi.curriculum.controller import _job_data as job_data  # cached: the controller's view reuses it
 from cropi.curriculum.state import Progress
 from cropi.devices import resolve_device
 from cropi.errors import InputError
@@ -73,15 +74,42 @@ class RunResult:
         }
 
 
-def prepare_run_dir(spec: JobSpec, run_dir: Path) -> None:
-    """Create the run folder; refuse to mix a different job's results into it."""
+def check_run_dir(spec: JobSpec, run_dir: Path) -> None:
+    """Refuse to mix a different job's results into a run folder (creates nothing)."""
     spec_file = run_dir / "spec.yaml"
     if spec_file.is_file() and spec_file.read_text() != spec.to_yaml():
         raise InputError(
             f"{run_dir} holds a run of a different spec ({spec_file}); choose another --out or delete that folder"
         )
+
+
+def prepare_run_dir(spec: JobSpec, run_dir: Path) -> None:
+    """Create the run folder; refuse to mix a different job's results into it."""
+    check_run_dir(spec, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(spec.to_yaml())
+    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+
+
+def _missing_folders(run_dir: Path) -> list[Path]:
+    """The folders `run_dir.mkdir(parents=True)` would create, deepest first."""
+    missing = []
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the folders this call created: the run folder, and the parents it made if they are still empty."""
+    if not created:
+        return
+    shutil.rmtree(created[0], ignore_errors=True)
+    for folder in created[1:]:
+        try:
+            folder.rmdir()  # only if empty: never anything else put there meanwhile
+        except OSError:
+            break
 
 
 def _trained(run_dir: Path) -> bool:
@@ -96,6 +124,8 @@ def clear_progress(spec: JobSpec, run_dir: Path) -> None:
     step) takes the new spec. One that holds trained steps of a different
     spec is refused, like a run is: those results are not thrown away by a typo.
     """
+    if not run_dir.exists():
+        return  # nothing to forget; the run creates the folder once its spec and data are valid
     spec_file = run_dir / "spec.yaml"
     if spec_file.is_file() and spec_file.read_text() != spec.to_yaml() and not _trained(run_dir):
         spec_file.unlink()
@@ -135,6 +165,7 @@ class EmbeddedRun(RunObserver):
         self._bar: Progress_ | None = None
         self._bar_task = None
         self._live_metrics = None
+        self._driving = False  # the job's tasks have started running (its folder then holds its state)
 
     # ----------------------------------------------------------- display
     def metric(self, record: dict) -> None:
@@ -180,11 +211,29 @@ class EmbeddedRun(RunObserver):
 
     # ----------------------------------------------------------- run
     def run(self) -> RunResult:
-        """Run the job, or continue it where a killed run of it stopped."""
+        """Run the job, or continue it where a killed run of it stopped.
+
+        Nothing is written to the run folder until the spec, its device, model and data are valid:
+        a refused job leaves no folder behind that would then refuse the corrected spec."""
         spec, console = self.spec, self.console
         resolve_device(spec.device)  # a device this machine lacks is refused before the folder is touched
-        prepare_run_dir(spec, self.run_dir)
+        check_run_dir(spec, self.run_dir)
         resolve_model_path(spec.model.path, _sft_progress(console))  # build the built-in model with a visible bar
+        job_data(spec)  # a missing data file or a bad row is refused here (the controller reuses what it loads)
+        created = _missing_folders(self.run_dir)
+        prepare_run_dir(spec, self.run_dir)
+        self._driving = False
+        try:
+            return self._run()
+        except InputError:
+            # Refused before the job ran (its data or settings, found while starting): the folder
+            # this call created goes too. A folder that was there already is never removed.
+            if not self._driving:
+                _remove_created(created)
+            raise
+
+    def _run(self) -> RunResult:
+        spec, console = self.spec, self.console
         start = time.perf_counter()
         server = RedisServer(self.run_dir / "redis").start()
         try:
@@ -214,6 +263,7 @@ class EmbeddedRun(RunObserver):
                 executors = JobExecutors(store)
                 worker = Worker(list(KINDS), bus, jobs, executors, "embedded", observer=self, fail_fast=True)
                 try:
+                    self._driving = True
                     self._drive(controller, worker, jobs)
                 finally:
                     self._close_bar()

@@ -2,7 +2,15 @@
 controller API and the CurriculumJob CRD (docs/design.md §3).
 
 Every section forbids unknown keys, so a typo is an error naming its field
-path rather than a silently ignored setting.
+path rather than a silently ignored setting. Values are strict: an integer
+field takes no boolean, float or string, a boolean field no number, and no
+number may be infinite or NaN. Sizes that drive generation, loading or
+allocation have finite caps (each field's description gives its limit), so a
+spec cannot make the controller or a worker work without bound.
+
+Spec YAML is read by `_SpecLoader`: duplicate keys, anchors and aliases are
+refused (naming the line), and `1e-4` is a float as in YAML 1.2. Error
+messages name the source, the field path and the line, never the value.
 """
 
 from __future__ import annotations
@@ -26,6 +34,24 @@ from cropi.errors import InputError
 from cropi.userfn import is_function_ref, load_function
 
 
+# Caps of the sizes (each field's description repeats its limit): generous for any real job,
+# finite so that a spec cannot make the controller generate, load or allocate without bound.
+MAX_POOL = 1_000_000  # data.pool.size, influence.candidates
+MAX_EVAL_SET = 100_000  # a validation or untargeted set's size, influence.max_valid_prompts
+MAX_EVAL_SETS = 100  # data.validation, data.untargeted entries
+MAX_GROUP = 1024  # responses per prompt: rollout.n, offline.n_pool / n_valid, eval.samples
+MAX_NEW_TOKENS = 1 << 20
+MAX_BATCH = 1 << 16  # sequences or prompts per batch
+MAX_BATCH_TOKENS = 1 << 24  # tokens per forward/backward
+MAX_PROJ_DIM = 1 << 20
+MAX_STAGES = 10_000
+MAX_STEPS = 10_000_000  # steps per stage, warmup steps, eval.every
+MAX_ACTORS = 1024  # Ray actors, replicas, workers, draws, epochs
+MAX_PARAM_PATTERNS = 1000
+SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}  # int64, as Kubernetes (the CRD) stores integers
+MAX_SPEC_BYTES = 1 << 20  # a spec file (the controller API caps its request body the same)
+
+
 def _require(pattern: str, value: str, message: str) -> str:
     if not re.fullmatch(pattern, value):
         raise ValueError(message)
@@ -33,7 +59,9 @@ def _require(pattern: str, value: str, message: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no bool for an int (`stages: true`) or int for a bool, no "3" for 3, no 2.0 for an int;
+    # an int is still taken for a float. allow_inf_nan: `.inf` and `.nan` are refused everywhere.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Section):
@@ -58,7 +86,8 @@ def _check_verifier(value: str) -> str:
 
 class DataSource(_Section):
     source: str = Field(description="builtin:arith?..., or a .jsonl/.parquet file or a saved HF dataset folder")
-    size: int | None = Field(None, gt=0, description="take at most this many prompts (seeded choice)")
+    size: int | None = Field(None, gt=0, description=f"take at most this many prompts (seeded choice; at most "
+                                                     f"{MAX_POOL})")
     prompt_field: str = Field("prompt", description="dotted path of the prompt (a string, or a chat: a list of "
                                                     "{role, content} messages as in verl parquet)")
     answer_field: str = Field("answer", description="dotted path of the reference answer, e.g. "
@@ -77,6 +106,14 @@ class DataSource(_Section):
     template: str = Field("{prompt}", description="'chat' (the tokenizer's chat template), or a format string "
                                                   "with {prompt}; write literal braces doubled: \\boxed{{}}")
     system_prompt: str | None = Field(None, description="with template: chat, a system message before the prompt")
+
+    @field_validator("size")
+    @classmethod
+    def _pool_cap(cls, v: int | None) -> int | None:
+        # A validator rather than `le`, which keeps this field's CRD schema as it was; sets have `le`.
+        if v is not None and v > MAX_POOL:
+            raise ValueError(f"must be at most {MAX_POOL}")
+        return v
 
     @field_validator("verifier")
     @classmethod
@@ -109,6 +146,8 @@ class DataSource(_Section):
 
 
 class NamedSource(DataSource):
+    size: int | None = Field(None, gt=0, le=MAX_EVAL_SET, description=f"take at most this many prompts (seeded "
+                                                                       f"choice; at most {MAX_EVAL_SET})")
     name: str
 
     @field_validator("name")
@@ -120,26 +159,31 @@ class NamedSource(DataSource):
 
 class DataSpec(_Section):
     pool: DataSource = DataSource(source="builtin:arith", size=4000)
-    validation: list[NamedSource] = Field(default_factory=list)
-    untargeted: list[NamedSource] = Field(default_factory=list)
+    validation: list[NamedSource] = Field(default_factory=list, max_length=MAX_EVAL_SETS,
+                                          description=f"targeted evaluation sets (at most {MAX_EVAL_SETS})")
+    untargeted: list[NamedSource] = Field(default_factory=list, max_length=MAX_EVAL_SETS,
+                                          description=f"untargeted evaluation sets (at most {MAX_EVAL_SETS})")
 
 
 class RolloutSpec(_Section):
-    n: int = Field(8, ge=2, description="responses per prompt (group size)")
+    n: int = Field(8, ge=2, le=MAX_GROUP, description=f"responses per prompt (group size; at most {MAX_GROUP})")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int | None = Field(None, gt=0, description="response budget (default: 16 for the built-in "
-                                                                "model, 1024 for any other)")
+    max_new_tokens: int | None = Field(None, gt=0, le=MAX_NEW_TOKENS, description=(
+        f"response budget (default: 16 for the built-in model, 1024 for any other; at most {MAX_NEW_TOKENS})"))
     engine: Literal["hf", "vllm"] = "hf"
-    batch_size: int | None = Field(None, gt=0, description="sequences per generation batch (default: 256 for the "
-                                                           "built-in model, 32 for any other)")
-    tensor_parallel: int = Field(1, gt=0, description="GPUs per vLLM replica (engine: vllm)")
+    batch_size: int | None = Field(None, gt=0, le=MAX_BATCH, description=(
+        f"sequences per generation batch (default: 256 for the built-in model, 32 for any other; at most {MAX_BATCH})"))
+    tensor_parallel: int = Field(1, gt=0, le=MAX_ACTORS,
+                                 description=f"GPUs per vLLM replica (engine: vllm; at most {MAX_ACTORS})")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="vLLM's share of its GPUs' memory")
 
 
 class OfflineSpec(_Section):
-    n_pool: int = Field(8, ge=2)
-    n_valid: int = Field(32, ge=2)
+    n_pool: int = Field(8, ge=2, le=MAX_GROUP,
+                        description=f"offline responses per pool prompt (at most {MAX_GROUP})")
+    n_valid: int = Field(32, ge=2, le=MAX_GROUP,
+                         description=f"offline responses per validation prompt (at most {MAX_GROUP})")
     temperature: float = Field(0.5, gt=0)
 
 
@@ -148,19 +192,23 @@ class RLSpec(_Section):
     lr: float | None = Field(None, gt=0, description="default: 1e-3 for the built-in model, 1e-6 (the paper's) "
                                                      "for any other")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer: sgd)")
-    batch_prompts: int = Field(16, gt=0)
+    batch_prompts: int = Field(16, gt=0, le=MAX_BATCH, description=f"prompts per GRPO step (at most {MAX_BATCH})")
     kl_coef: float = Field(0.001, ge=0)
     entropy_coef: float = Field(0.001, ge=0)
     clip_eps: float = Field(0.2, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(10, ge=0, description="linear learning-rate warmup (Adam's first steps are sign-like and noisy)")
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, description="linear learning-rate warmup (Adam's first steps "
+                                                                  f"are sign-like and noisy; at most {MAX_STEPS})")
     weight_decay: float = Field(0.0, ge=0)
-    ppo_epochs: int = Field(1, gt=0, description="optimizer passes over each rollout batch")
+    ppo_epochs: int = Field(1, gt=0, le=MAX_ACTORS,
+                            description=f"optimizer passes over each rollout batch (at most {MAX_ACTORS})")
     adv_eps: float = Field(1e-4, gt=0, description="std epsilon of group-normalised advantages")
-    micro_batch: int | None = Field(None, gt=0, description="sequences per forward/backward (gradient "
-                                    "accumulation; default: 256 for the built-in model, 4 for any other)")
-    micro_batch_tokens: int | None = Field(None, gt=0, description="instead of micro_batch: padded tokens per "
-                                           "forward/backward (rows = this // the batch's padded width, at least 1)")
+    micro_batch: int | None = Field(None, gt=0, le=MAX_BATCH, description="sequences per forward/backward (gradient "
+                                    "accumulation; default: 256 for the built-in model, 4 for any other; "
+                                    f"at most {MAX_BATCH})")
+    micro_batch_tokens: int | None = Field(None, gt=0, le=MAX_BATCH_TOKENS, description="instead of micro_batch: "
+                                           "padded tokens per forward/backward (rows = this // the batch's padded "
+                                           f"width, at least 1; at most {MAX_BATCH_TOKENS})")
 
 
 Selector = Literal[
@@ -171,42 +219,50 @@ Selector = Literal[
 
 class CurriculumSpec(_Section):
     selector: Selector = "cropi"
-    stages: int = Field(5, gt=0)
-    steps_per_stage: int = Field(40, gt=0)
+    stages: int = Field(5, gt=0, le=MAX_STAGES, description=f"curriculum stages (at most {MAX_STAGES})")
+    steps_per_stage: int = Field(40, gt=0, le=MAX_STEPS, description=f"GRPO steps per stage (at most {MAX_STEPS})")
     select_ratio: float = Field(0.1, gt=0, le=1)
     reset_optimizer: bool = False
     target_accuracy: float | None = Field(None, gt=0, le=1, description="stop early once the mean targeted accuracy reaches this")
     dynamic_max_draws: int = Field(
-        4, gt=0, description="selector dynamic: at most this many prompt batches sampled per step to fill the "
-                             "batch with groups of mixed rewards (verl's max_num_gen_batches)")
+        4, gt=0, le=MAX_ACTORS, description="selector dynamic: at most this many prompt batches sampled per step to "
+                                            "fill the batch with groups of mixed rewards (verl's "
+                                            f"max_num_gen_batches; at most {MAX_ACTORS})")
 
 
 class InfluenceSpec(_Section):
-    proj_dim: int = Field(8192, gt=0)
+    proj_dim: int = Field(8192, gt=0, le=MAX_PROJ_DIM,
+                          description=f"dimension of the projected gradients (at most {MAX_PROJ_DIM})")
     # Measured with `cropi bench precision` (docs/performance.md): on the tiny
     # model, precision@10% vs exact gradients is 1.00 at ratio 1.0, k=8192 and
     # 0.74 at ratio 0.1 (block subsampling drops concentrated gradient mass).
     # Re-measure on large models, where subsampling variance is smaller.
     sparse_ratio: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
-    max_valid_prompts: int = Field(100, gt=0, description="target prompts per validation set (eligible ones only)")
+    seed: int = Field(0, **SEED_RANGE, description="seed of the random projection (a signed 64-bit integer)")
+    max_valid_prompts: int = Field(100, gt=0, le=MAX_EVAL_SET, description="target prompts per validation set "
+                                                                          "(eligible ones only; at most "
+                                                                          f"{MAX_EVAL_SET})")
     logprob_temperature: float | None = Field(
         None, gt=0, description="temperature of the POPI log-probs: null (or 'sampling') scores responses at the "
                                 "temperature they were sampled at, so rho = 1 at the base policy; 1.0 recomputes "
                                 "both policies at T = 1, as the reference code does")
 
     batch_tokens: int | None = Field(
-        2048, gt=0, description="scoring pass size: the offline groups of many prompts share one forward and "
-                                "backward holding at most this many tokens (prompts once per group); null: one "
-                                "backward per prompt. Results equal within fp32 rounding either way")
+        2048, gt=0, le=MAX_BATCH_TOKENS,
+        description="scoring pass size: the offline groups of many prompts share one forward and "
+                    "backward holding at most this many tokens (prompts once per group); null: one "
+                    "backward per prompt. Results equal within fp32 rounding either way "
+                    f"(at most {MAX_BATCH_TOKENS})")
     candidates: int | None = Field(
-        None, gt=0, description="score only a seeded random subset of this many eligible pool prompts per "
-                                "stage (a new subset each stage); null scores every pool prompt")
+        None, gt=0, le=MAX_POOL,
+        description="score only a seeded random subset of this many eligible pool prompts per "
+                    f"stage (a new subset each stage); null scores every pool prompt (at most {MAX_POOL})")
     params: list[str] | None = Field(
-        None, min_length=1, description="take POPI gradients of these parameters only: glob patterns on "
-                                        "parameter names, or 'last:L' for the last L decoder layers, the final "
-                                        "norm and the output head; backward stops below the lowest one. "
-                                        "null: every trainable parameter")
+        None, min_length=1, max_length=MAX_PARAM_PATTERNS,
+        description="take POPI gradients of these parameters only: glob patterns on "
+                    "parameter names, or 'last:L' for the last L decoder layers, the final "
+                    "norm and the output head; backward stops below the lowest one. "
+                    f"null: every trainable parameter (at most {MAX_PARAM_PATTERNS} patterns)")
 
     @field_validator("logprob_temperature", mode="before")
     @classmethod
@@ -225,9 +281,12 @@ class InfluenceSpec(_Section):
 
 
 class EvalSpec(_Section):
-    every: int = Field(20, gt=0, description="evaluate every this many training steps")
-    max_new_tokens: int | None = Field(None, gt=0, description="defaults to rollout.max_new_tokens")
-    samples: int = Field(4, ge=0, description="responses per prompt for sampled accuracy (0: greedy only)")
+    every: int = Field(20, gt=0, le=MAX_STEPS,
+                       description=f"evaluate every this many training steps (at most {MAX_STEPS})")
+    max_new_tokens: int | None = Field(None, gt=0, le=MAX_NEW_TOKENS,
+                                       description=f"defaults to rollout.max_new_tokens (at most {MAX_NEW_TOKENS})")
+    samples: int = Field(4, ge=0, le=MAX_GROUP, description="responses per prompt for sampled accuracy (0: greedy "
+                                                            f"only; at most {MAX_GROUP})")
     temperature: float | None = Field(None, gt=0, description="sampling temperature; defaults to rollout.temperature")
 
 
@@ -236,21 +295,26 @@ class RaySpec(_Section):
 
     address: str | None = Field(None, description="Ray cluster to join (e.g. ray://head:10001, auto); "
                                                  "empty: RAY_ADDRESS, else a local Ray")
-    num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray (default: max(cores, 6))")
-    projector_actors: int = Field(2, gt=0, description="actors of the gradient-projection pool")
+    num_cpus: int | None = Field(None, gt=0, le=MAX_BATCH, description="logical CPUs of a local Ray (default: "
+                                                                       f"max(cores, 6); at most {MAX_BATCH})")
+    projector_actors: int = Field(2, gt=0, le=MAX_ACTORS,
+                                  description=f"actors of the gradient-projection pool (at most {MAX_ACTORS})")
     projector_gpus: float = Field(0, ge=0, description="GPUs per projection actor")
     rollout_app: str | None = Field(
         None, description="a standing rollout Serve app to sample on, one job at a time (e.g. the chart's "
                           "RayService app cropi-rollout); empty: CROPI_ROLLOUT_APP, else a per-job app")
-    rollout_replicas: int = Field(1, gt=0, description="Ray Serve replicas of the per-job rollout deployment")
+    rollout_replicas: int = Field(1, gt=0, le=MAX_ACTORS, description="Ray Serve replicas of the per-job rollout "
+                                                                      f"deployment (at most {MAX_ACTORS})")
     rollout_gpus: float = Field(0, ge=0, description="GPUs per replica of the per-job rollout deployment "
                                                      "(vLLM: rollout.tensor_parallel)")
-    trainer_workers: int = Field(2, gt=0, description="Ray Train workers (DeepSpeed data-parallel ranks)")
+    trainer_workers: int = Field(2, gt=0, le=MAX_ACTORS, description="Ray Train workers (DeepSpeed data-parallel "
+                                                                     f"ranks; at most {MAX_ACTORS})")
     trainer_gpus: float = Field(0, ge=0, description="GPUs per trainer worker (0: CPU with gloo)")
     zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage of the trainer")
     weight_sync: Literal["broadcast", "store"] = Field(
         "broadcast", description="trainer -> rollout: torch.distributed broadcast, or a checkpoint in the store")
-    sync_bucket_mb: int = Field(64, gt=0, description="bucket size of the broadcast weight sync")
+    sync_bucket_mb: int = Field(64, gt=0, le=MAX_BATCH,
+                                description=f"bucket size of the broadcast weight sync (at most {MAX_BATCH})")
 
 
 # Sizes whose default depends on the model (`JobSpec._sized_defaults`): the 1M-parameter toy
@@ -277,7 +341,7 @@ class JobSpec(_Section):
     ray: RaySpec = RaySpec()
     device: str = Field("auto", description="where the inline executor computes: auto (CUDA when present), "
                                             "cpu, cuda or cuda:N")
-    seed: int = 0
+    seed: int = Field(0, **SEED_RANGE, description="seed of the job's random choices (a signed 64-bit integer)")
 
     @field_validator("device")
     @classmethod
@@ -316,11 +380,101 @@ class JobSpec(_Section):
         return self.curriculum.stages * self.curriculum.steps_per_stage
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        # _SpecDumper never writes anchors or aliases, which _SpecLoader refuses.
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_SpecDumper, sort_keys=False)
 
 
 # --------------------------------------------------------------------------
 # Loading with errors that point at the offending field and line.
+
+
+class _SpecDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+class _Refused(Exception):
+    """YAML that parses but that a spec may not use; the message names the line, never a value."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing what a spec never needs and an attacker can abuse.
+
+    Anchors and aliases are refused: an alias repeats a subtree, so a small body can expand to a
+    large spec (each level of nested aliases multiplies it). Duplicate keys are refused (YAML
+    forbids them; PyYAML silently keeps the last). `1e-4` and `1.0e5` are floats, as in YAML 1.2
+    (YAML 1.1, PyYAML's default, reads them as strings).
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = "an alias (*name)" if isinstance(event, yaml.AliasEvent) else "an anchor (&name)"
+            raise _Refused(f"line {event.start_mark.line + 1}: {what}; a job spec may not use YAML anchors or "
+                           "aliases, write the value out")
+        return super().compose_node(parent, index)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _refuse_duplicate_keys(loader: _SpecLoader, node: yaml.Node, path: tuple[str, ...] = ()) -> None:
+    """Refuse a mapping that repeats a key, naming the key's path and both lines (not the values)."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(loader, item, (*path, str(i)))
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            name = "?"
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = loader.construct_object(key_node)  # 1 and 01 are one key, as in the loaded dict
+                name = str(key)[:80]
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise _Refused(f"{'.'.join((*path, name))}: duplicate key (line {line}; first at line "
+                                   f"{first_line[key]})")
+                first_line[key] = line
+            _refuse_duplicate_keys(loader, value_node, (*path, name))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error without PyYAML's excerpt of the offending line (it may hold a secret)."""
+    if isinstance(err, yaml.reader.ReaderError):
+        char = err.character if isinstance(err.character, int) else ord(err.character)
+        return f"unacceptable character #x{char:04x} at position {err.position}: {err.reason}"
+    if isinstance(err, yaml.MarkedYAMLError):
+        parts = []
+        for text, mark in ((err.context, err.context_mark), (err.problem, err.problem_mark)):
+            if text:
+                parts.append(text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""))
+        return "; ".join(parts) or type(err).__name__
+    return type(err).__name__
+
+
+def _load_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """The document and its node tree (for error lines), parsed once."""
+    loader = None
+    try:
+        loader = _SpecLoader(text)  # its reader refuses control characters right away
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _refuse_duplicate_keys(loader, root)
+        return loader.construct_document(root), root
+    except _Refused as err:
+        raise InputError(f"invalid job spec ({source}):\n  {err}") from None
+    except yaml.YAMLError as err:
+        raise InputError(f"job spec {source} is not valid YAML: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise InputError(f"job spec {source} is not a usable YAML document: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
@@ -366,16 +520,33 @@ def parse_spec(data: Any, source: str = "spec", root: yaml.Node | None = None) -
 
 def parse_spec_yaml(text: str, source: str = "spec") -> JobSpec:
     """A spec from YAML text (a file's content, an API payload); errors name `source` and the line."""
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as err:
-        raise InputError(f"job spec {source} is not valid YAML: {err}") from None
+    data, root = _load_yaml(text, source)
     return parse_spec(data, source, root)
+
+
+def read_spec_text(path: Path) -> str:
+    """A spec file's text: at most MAX_SPEC_BYTES of UTF-8, else an InputError naming the file and offset."""
+    if not path.is_file():
+        raise InputError(f"job spec not found: {path}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise InputError(f"job spec {path} is {size} bytes; a job spec is at most {MAX_SPEC_BYTES} bytes")
+        with path.open("rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise InputError(f"cannot read job spec {path}: {err.strerror or type(err).__name__}") from None
+    if len(raw) > MAX_SPEC_BYTES:  # it grew since stat
+        raise InputError(f"job spec {path} is over {MAX_SPEC_BYTES} bytes; a job spec is at most that")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise InputError(f"job spec {path} is a binary file, not YAML text (NUL byte at offset {nul})")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"job spec {path} is not UTF-8 text (invalid byte at offset {err.start})") from None
 
 
 def load_spec(path: str | Path) -> JobSpec:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"job spec not found: {path}")
-    return parse_spec_yaml(path.read_text(), str(path))
+    return parse_spec_yaml(read_spec_text(path), str(path))

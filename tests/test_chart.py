@@ -190,7 +190,8 @@ def test_default_values_run_redis_and_minio_in_chart_with_generated_credentials(
         assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
     assert "--appendonly yes" in sets["demo-cropi-redis"]["spec"]["template"]["spec"]["containers"][0]["args"][0]
     secrets = {o["metadata"]["name"]: o["data"] for o in _of_kind(objects, "Secret")}
-    assert set(secrets) == {"demo-cropi-token", "demo-cropi-redis", "demo-cropi-minio"}
+    assert set(secrets) == {"demo-cropi-token", "demo-cropi-redis", "demo-cropi-minio", "demo-cropi-ray-auth",
+                            *(f"demo-cropi-s3-{c}" for c in ("controller", "rollout", "projector", "trainer"))}
     assert all(v for data in secrets.values() for v in data.values())
 
 

@@ -83,6 +83,12 @@ imagePullSecrets:
 {{- end }}
 {{- end -}}
 
+{{/* The components with an object-store identity of their own (a MinIO user each, or a Secret
+     each for an external S3). The Ray pods use the rollout one (the standing app reads weights). */}}
+{{- define "cropi.storeComponents" -}}
+controller rollout projector trainer
+{{- end -}}
+
 {{/* Secret names: an existing Secret when the user names one, else the chart's. */}}
 {{- define "cropi.tokenSecret" -}}
 {{- default (printf "%s-token" (include "cropi.fullname" .)) .Values.auth.existingSecret -}}
@@ -96,20 +102,53 @@ imagePullSecrets:
 {{- end -}}
 {{- end -}}
 
-{{- define "cropi.s3Secret" -}}
-{{- if .Values.objectStore.minio.enabled -}}
+{{/* The in-chart MinIO's root credentials (keys root-user, root-password): referenced only by the
+     MinIO StatefulSet and its setup Job, never by a cropi pod. */}}
+{{- define "cropi.minioRootSecret" -}}
 {{- default (printf "%s-minio" (include "cropi.fullname" .)) .Values.objectStore.minio.existingSecret -}}
+{{- end -}}
+
+{{/* The object-store credentials of one component. Call with (dict "ctx" $ "component" NAME).
+     In-chart MinIO: the component's MinIO user (keys access-key, secret-key), its own Secret.
+     External S3: objectStore.external.componentSecrets.<component>, else the shared existingSecret. */}}
+{{- define "cropi.s3UserSecret" -}}
+{{- $v := .ctx.Values.objectStore -}}
+{{- if $v.minio.enabled -}}
+{{- default (printf "%s-s3-%s" (include "cropi.fullname" .ctx) .component) (index $v.minio.users .component).existingSecret -}}
 {{- else -}}
-{{- .Values.objectStore.external.existingSecret -}}
+{{- default $v.external.existingSecret (index ($v.external.componentSecrets | default dict) .component) -}}
 {{- end -}}
 {{- end -}}
 
-{{/* A generated secret value, kept across upgrades: the live Secret's value when there is one.
-     Call with (dict "ctx" $ "name" SECRET "key" KEY "length" N); prints base64. */}}
+{{/* The MinIO user name of a component created by the chart (its access key). */}}
+{{- define "cropi.minioUser" -}}
+cropi-{{ . }}
+{{- end -}}
+
+{{/* The Ray cluster's token (key auth_token: the key KubeRay's authOptions.secretName requires). */}}
+{{- define "cropi.rayAuthSecret" -}}
+{{- default (printf "%s-ray-auth" (include "cropi.fullname" .)) .Values.ray.auth.existingSecret -}}
+{{- end -}}
+
+{{/* A secret value, base64: the value given in values.yaml when there is one (stable for every render,
+     `helm template` and GitOps included); else the live Secret's value (`lookup`: an upgrade keeps
+     it); else random. `lookup` finds nothing under `helm template` and most GitOps renderers, so
+     there the value is new on every render: give it in values or name an existing Secret.
+     Call with (dict "ctx" $ "name" SECRET "key" KEY "length" N "value" GIVEN). */}}
 {{- define "cropi.secretValue" -}}
+{{- if .value -}}
+{{- .value | toString | b64enc -}}
+{{- else -}}
 {{- $live := lookup "v1" "Secret" .ctx.Release.Namespace .name -}}
 {{- $old := dig "data" .key "" ($live | default dict) -}}
 {{- if $old -}}{{ $old }}{{- else -}}{{ randAlphaNum (int .length) | b64enc }}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where a generated Secret's values come from, as an annotation: "values" when every value was
+     given, "generated" when any is the chart's (random on install, read back on upgrade). */}}
+{{- define "cropi.secretSource" -}}
+cropi.dev/secret-source: {{ ternary "values" "generated" . }}
 {{- end -}}
 
 {{- define "cropi.redisHost" -}}
@@ -127,8 +166,8 @@ imagePullSecrets:
 {{ include "cropi.fullname" . }}-ray-head-svc
 {{- end -}}
 
-{{/* Where the services find Redis and the object store (cropi/runtime/config.py). */}}
-{{- define "cropi.storeEnv" -}}
+{{/* Redis for the services (cropi/runtime/config.py). Call with the root context. */}}
+{{- define "cropi.redisEnv" -}}
 {{- if .Values.redis.enabled }}
 - name: CROPI_REDIS_PASSWORD
   valueFrom:
@@ -143,31 +182,102 @@ imagePullSecrets:
 - name: CROPI_REDIS_URL
   value: {{ .Values.redis.external.url | quote }}
 {{- end }}
+{{- end -}}
+
+{{/* The object store with one component's own credentials. Call with (dict "ctx" $ "component" NAME). */}}
+{{- define "cropi.s3Env" -}}
+{{- $v := .ctx.Values.objectStore -}}
+{{- $secret := include "cropi.s3UserSecret" . }}
 - name: CROPI_STORE
-  value: {{ printf "s3://%s/%s" .Values.objectStore.bucket .Values.objectStore.prefix | trimSuffix "/" | quote }}
-{{- if .Values.objectStore.minio.enabled }}
+  value: {{ printf "s3://%s/%s" $v.bucket $v.prefix | trimSuffix "/" | quote }}
+{{- if $v.minio.enabled }}
 - name: CROPI_S3_ENDPOINT
-  value: "{{ include "cropi.minioHost" . }}:9000"
+  value: "{{ include "cropi.minioHost" .ctx }}:9000"
 - name: CROPI_S3_SECURE
   value: "0"
 - name: CROPI_S3_ACCESS_KEY
   valueFrom:
-    secretKeyRef: {name: {{ include "cropi.s3Secret" . }}, key: root-user}
+    secretKeyRef: {name: {{ $secret }}, key: access-key}
 - name: CROPI_S3_SECRET_KEY
   valueFrom:
-    secretKeyRef: {name: {{ include "cropi.s3Secret" . }}, key: root-password}
+    secretKeyRef: {name: {{ $secret }}, key: secret-key}
 {{- else }}
 - name: CROPI_S3_ENDPOINT
-  value: {{ .Values.objectStore.external.endpoint | quote }}
+  value: {{ $v.external.endpoint | quote }}
 - name: CROPI_S3_SECURE
-  value: {{ ternary "1" "0" .Values.objectStore.external.secure | quote }}
+  value: {{ ternary "1" "0" $v.external.secure | quote }}
 - name: CROPI_S3_ACCESS_KEY
   valueFrom:
-    secretKeyRef: {name: {{ .Values.objectStore.external.existingSecret }}, key: {{ .Values.objectStore.external.accessKeyKey }}}
+    secretKeyRef: {name: {{ $secret }}, key: {{ $v.external.accessKeyKey }}}
 - name: CROPI_S3_SECRET_KEY
   valueFrom:
-    secretKeyRef: {name: {{ .Values.objectStore.external.existingSecret }}, key: {{ .Values.objectStore.external.secretKeyKey }}}
+    secretKeyRef: {name: {{ $secret }}, key: {{ $v.external.secretKeyKey }}}
 {{- end }}
+{{- end -}}
+
+{{/* Where the services find Redis and the object store. Call with (dict "ctx" $ "component" NAME). */}}
+{{- define "cropi.storeEnv" -}}
+{{- include "cropi.redisEnv" .ctx }}
+{{- include "cropi.s3Env" . }}
+{{- end -}}
+
+{{/* Ray token authentication (Ray >= 2.52): on every Ray node and every Ray client (the task
+     workers). The token comes from the Secret, never inline. Call with the root context. */}}
+{{- define "cropi.rayAuthEnv" -}}
+{{- if .Values.ray.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ include "cropi.rayAuthSecret" . }}, key: auth_token}
+{{- end }}
+{{- end -}}
+
+{{/* The bucket policy of a component's MinIO user: what it may read and write in the store (key
+     patterns under s3://<bucket>/<prefix>, cropi/curriculum/layout.py). With accessScope "store"
+     every user reads and writes the whole store prefix instead. Listing the bucket's key names and
+     its location is allowed to every user (the S3 client checks the bucket exists and asks its
+     region; MinIO checks HEAD bucket as ListBucket, which a prefix condition would refuse). No user
+     may delete, administer MinIO, or touch another bucket.
+     Call with (dict "ctx" $ "component" NAME); prints JSON. */}}
+{{- define "cropi.minioAccess" -}}
+{{- /* `*` matches any characters, '/' included (S3 and MinIO resource patterns). Offline parts are
+       jobs/<job>/offline/<set>/part-<i>.parquet; jobs/<job>/offline/timing.json is the controller's. */ -}}
+{{- $rw := dict
+    "controller" (list "jobs/*/spec.yaml" "jobs/*/events.jsonl" "jobs/*/offline/timing.json" "jobs/*/stages/*/selection.json")
+    "rollout" (list "jobs/*/offline/*/part-*")
+    "projector" (list "jobs/*/stages/*/grads/*")
+    "trainer" (list "jobs/*/trainer/*" "jobs/*/stages/*/metrics.jsonl" "jobs/*/stages/*/checkpoint/*" "jobs/*/final/checkpoint/*") -}}
+{{- $ro := dict
+    "controller" (list "jobs/*/offline/*/part-*" "jobs/*/stages/*/grads/*")
+    "rollout" (list "jobs/*/spec.yaml" "jobs/*/stages/*/checkpoint/*" "jobs/*/final/checkpoint/*" "jobs/*/trainer/weights/*")
+    "projector" (list "jobs/*/spec.yaml" "jobs/*/offline/*/part-*" "jobs/*/stages/*/checkpoint/*")
+    "trainer" (list "jobs/*/spec.yaml" "jobs/*/stages/*/selection.json") -}}
+{{- if eq .ctx.Values.objectStore.minio.accessScope "store" -}}
+{{- $rw = dict .component (list "*") -}}
+{{- $ro = dict .component (list) -}}
+{{- end -}}
+{{- toJson (dict "read" (index $ro .component) "readWrite" (index $rw .component)) -}}
+{{- end -}}
+
+{{- define "cropi.minioPolicy" -}}
+{{- $v := .ctx.Values.objectStore -}}
+{{- $root := trimAll "/" $v.prefix -}}
+{{- $base := ternary (printf "arn:aws:s3:::%s/%s/" $v.bucket $root) (printf "arn:aws:s3:::%s/" $v.bucket) (ne $root "") -}}
+{{- $access := include "cropi.minioAccess" . | fromJson -}}
+{{- $read := list -}}
+{{- range (concat $access.read $access.readWrite) }}{{ $read = append $read (printf "%s%s" $base .) }}{{ end -}}
+{{- $write := list -}}
+{{- range $access.readWrite }}{{ $write = append $write (printf "%s%s" $base .) }}{{ end -}}
+{{- $statements := list
+    (dict "Sid" "Bucket" "Effect" "Allow" "Action" (list "s3:GetBucketLocation" "s3:ListBucket")
+          "Resource" (list (printf "arn:aws:s3:::%s" $v.bucket)))
+    (dict "Sid" "Read" "Effect" "Allow" "Action" (list "s3:GetObject") "Resource" $read) -}}
+{{- if $write -}}
+{{- $statements = append $statements (dict "Sid" "Write" "Effect" "Allow"
+      "Action" (list "s3:PutObject" "s3:AbortMultipartUpload" "s3:ListMultipartUploadParts") "Resource" $write) -}}
+{{- end -}}
+{{- toJson (dict "Version" "2012-10-17" "Statement" $statements) -}}
 {{- end -}}
 
 {{/* Writable scratch for a read-only root filesystem (the images keep every cache under /tmp). */}}

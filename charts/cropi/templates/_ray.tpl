@@ -19,12 +19,15 @@ spec:
       imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
       securityContext:
         {{- include "cropi.containerSecurityContext" .ctx | nindent 8 }}
-      {{- if .ctx.Values.ray.rolloutService.enabled }}
-      # The standing rollout app is built on the cluster (not by a job's driver, whose environment
-      # per-job apps inherit): its replicas read the object store (weights published there) from
-      # the Ray nodes' own environment.
+      {{- if or .ctx.Values.ray.auth.enabled .ctx.Values.ray.rolloutService.enabled }}
       env:
-        {{- include "cropi.storeEnv" .ctx | nindent 8 }}
+        {{- include "cropi.rayAuthEnv" .ctx | nindent 8 }}
+        {{- if .ctx.Values.ray.rolloutService.enabled }}
+        # The standing rollout app is built on the cluster (not by a job's driver, whose environment
+        # per-job apps inherit): its replicas read the weights published in the object store from
+        # the Ray nodes' own environment, as the rollout MinIO user (read-only there). No Redis.
+        {{- include "cropi.s3Env" (dict "ctx" .ctx "component" "rollout") | nindent 8 }}
+        {{- end }}
       {{- end }}
       resources:
         {{- include "cropi.gpuResources" (dict "resources" $n.resources "gpus" .gpus "gpuResource" ($n.gpuResource | default "nvidia.com/gpu")) | nindent 8 }}
@@ -71,6 +74,13 @@ template:
 {{- define "cropi.rayClusterSpec" -}}
 {{- $r := .Values.ray -}}
 rayVersion: {{ $r.rayVersion | quote }}
+{{- if $r.auth.enabled }}
+# Token authentication: KubeRay reads the token from this Secret (key auth_token) to call the
+# dashboard, and sets it on the containers it adds; the chart sets it on its own containers too.
+authOptions:
+  mode: token
+  secretName: {{ include "cropi.rayAuthSecret" . }}
+{{- end }}
 headGroupSpec:
   {{- include "cropi.rayHeadGroup" (dict "ctx" . "component" "ray-head" "head" $r.head) | nindent 2 }}
 workerGroupSpecs:
@@ -85,6 +95,9 @@ workerGroupSpecs:
 {{- define "cropi.validateRay" -}}
 {{- $r := .Values.ray -}}
 {{- $s := $r.rolloutService -}}
+{{- if and $r.enabled $r.auth.enabled (not (semverCompare ">=2.52.0" $r.rayVersion)) -}}
+{{- fail (printf "ray.auth.enabled needs ray.rayVersion >= 2.52.0 (Ray's token authentication, RAY_AUTH_MODE=token), got %s" $r.rayVersion) -}}
+{{- end -}}
 {{- if $s.enabled -}}
 {{- if not $r.enabled -}}
 {{- fail "ray.rolloutService.enabled needs ray.enabled: the standing rollout app runs on the release's Ray cluster" -}}
