@@ -8,19 +8,21 @@ ones a cluster runs (`curriculum/controller.py`, `runtime/worker.py`,
 
 Killing `cropi run` and running it again resumes: Redis comes back from its
 append-only file, the task that was running is taken back by the same
-consumer, and the trainer continues from its state in the store.
+consumer, and the trainer continues from its state in the store. Running
+it again after the job failed continues it too, from the start of the
+stage it failed in (everything before is stored and nothing stored is
+redone). A stored part found unreadable on the way (a flipped byte) is
+recomputed here by its task's handler, with a warning naming its key.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -34,17 +36,20 @@ from rich.progress import Progress as Progress_
 from cropi.curriculum import layout
 from cropi.curriculum.controller import Controller
 from cropi.curriculum.controller import _job_data as job_data  # cached: the controller's view reuses it
+from cropi.curriculum.selection import needs_projection
+from cropi.curriculum.stage import load_trainer_state
 from cropi.curriculum.state import Progress
 from cropi.devices import resolve_device
 from cropi.errors import InputError
 from cropi.executors import JobExecutors
+from cropi.executors.inline import TaskRecompute, job_warning
 from cropi.models.loading import resolve_model_path
 from cropi.plotting import plot_run
 from cropi.runtime.jobs import TERMINAL, JobRegistry, Phase
 from cropi.runtime.queue import TaskBus
 from cropi.runtime.redis_server import RedisServer
 from cropi.runtime.store import LocalStore
-from cropi.runtime.tasks import RunObserver, TaskKind
+from cropi.runtime.tasks import RunObserver, TaskContext, TaskKind
 from cropi.runtime.worker import Worker
 from cropi.spec import JobSpec
 from cropi.tracking import MetricsLog, truncate_metrics
@@ -254,6 +259,9 @@ class EmbeddedRun(RunObserver):
                 + f"; {spec.total_steps} GRPO steps x {spec.rl.batch_prompts} prompts x {spec.rollout.n} responses"
             )
             rec = jobs.get(spec.name)
+            if not fresh and rec["phase"] == Phase.FAILED:
+                self._reopen(jobs, rec)
+                rec = jobs.get(spec.name)
             if not fresh and rec["phase"] not in TERMINAL:
                 console.print(f"[bold]resuming[/] at step {rec['step']} ({rec['phase']}, stage {rec['stage']})")
             if not fresh:  # the live log may hold records of steps the killed run did not save
@@ -261,6 +269,11 @@ class EmbeddedRun(RunObserver):
             with (self.run_dir / "metrics.jsonl").open("a" if not fresh else "w") as live:
                 self._live_metrics = live
                 executors = JobExecutors(store)
+                # The controller's influence engine has no model: a stored part it finds unreadable
+                # is recomputed by the part's task handler, here.
+                influence = controller.view(spec.name).influence
+                influence.warn = job_warning(jobs, spec.name)
+                influence.recompute = TaskRecompute(executors, spec.name, TaskContext(jobs))
                 worker = Worker(list(KINDS), bus, jobs, executors, "embedded", observer=self, fail_fast=True)
                 try:
                     self._driving = True
@@ -276,6 +289,22 @@ class EmbeddedRun(RunObserver):
             return self._finish(store, time.perf_counter() - start)
         finally:
             server.stop()
+
+    def _reopen(self, jobs: JobRegistry, rec: dict) -> None:
+        """Continue a failed job from the start of the stage it failed in.
+
+        What came before is in the store (offline parts, gradients, selections, the trainer's
+        state) and every phase is idempotent (tasks under their ids, selections stored once), so
+        nothing done is redone: the phases up to where it failed pass through, and what failed
+        is tried again.
+        """
+        job, stage = self.spec.name, rec["stage"]
+        phase = (Phase.QUEUED if stage == 0 else
+                 Phase.PROJECT if needs_projection(self.spec, stage) else Phase.SELECT)
+        self.console.print(f"[bold]continuing[/] the failed job from the start of stage {stage} "
+                           f"(it failed: {rec.get('error') or '?'})")
+        jobs.event(job, "continued", f"continuing after a failure, from the start of stage {stage}", stage=stage)
+        jobs.update(job, phase=phase, status="running", error="", error_kind="")
 
     def _drive(self, controller: Controller, worker: Worker, jobs: JobRegistry) -> None:
         job = self.spec.name
@@ -311,7 +340,8 @@ class EmbeddedRun(RunObserver):
 
     def _finish(self, store: LocalStore, seconds: float) -> RunResult:
         spec, job = self.spec, self.spec.name
-        state = torch.load(io.BytesIO(store.get(layout.trainer_state_key(job))), map_location="cpu", weights_only=False)
+        key = layout.trainer_state_key(job)
+        state = load_trainer_state(store.get(key), key)
         progress = Progress(**state["progress"])
         # metrics.jsonl and TensorBoard from the stored records: the store is the source of truth.
         log = MetricsLog(self.run_dir)

@@ -8,13 +8,16 @@ executor's ZeRO-3 ranks) and keeps its progress in a `TrainerJournal`.
 
 The trainer saves its whole state (weights, optimizer, progress, metrics)
 to the store after every step, so a trainer killed mid-stage resumes after
-its last completed step, wherever it restarts.
+its last completed step, wherever it restarts. The state is read back with
+`torch.load(weights_only=True)`: tensors and plain data only, so that write
+access to the store never means running code in the trainer.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Protocol
@@ -33,6 +36,24 @@ from cropi.runtime.jobs import JobRegistry
 from cropi.runtime.store import ObjectStore
 from cropi.runtime.tasks import Cancelled, RunObserver
 from cropi.spec import JobSpec
+
+
+class UnsafeTrainerState(RuntimeError):
+    """A stored trainer state holds more than tensors and plain data: it is refused, not unpickled."""
+
+
+def load_trainer_state(data: bytes, key: str) -> dict[str, Any]:
+    """A trainer state as `TrainerJournal.commit` stores it (tensors, optimizer state dicts, plain
+    data). Pickled objects are refused (`UnsafeTrainerState`): unpickling them could run code."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeTrainerState(
+            f"trainer state {key!r} holds objects other than tensors and plain data: refused, since loading "
+            "it could run code (cropi never writes such a state: something else put it in the store)") from err
+    if not isinstance(state, dict) or not {"progress", "records"} <= state.keys():
+        raise UnsafeTrainerState(f"trainer state {key!r} is not a trainer state (no progress or records)")
+    return state
 
 
 class StagePolicy(Protocol):
@@ -120,7 +141,7 @@ class TrainerJournal:
         key = layout.trainer_state_key(self.job)
         if not self.store.exists(key):
             return None
-        state = torch.load(io.BytesIO(self.store.get(key)), map_location="cpu", weights_only=False)
+        state = load_trainer_state(self.store.get(key), key)
         self.progress, self.records = Progress(**state["progress"]), state["records"]
         self._counted = self.progress.step
         # All stages: the previous process may have died between saving its state and writing the files.
@@ -145,7 +166,10 @@ class TrainerJournal:
         if not self.keeper:
             return
         buf = io.BytesIO()
-        torch.save({**trainer_state, "progress": asdict(progress), "records": self.records}, buf)
+        # Progress and records as plain JSON values (a numpy scalar among them would not load back
+        # with weights_only); the caller's part is tensors and state dicts.
+        plain = json.loads(json.dumps({"progress": asdict(progress), "records": self.records}))
+        torch.save({**trainer_state, **plain}, buf)
         self.store.put(layout.trainer_state_key(self.job), buf.getvalue())
         for st in sorted(self._dirty):
             self.store.put(layout.stage_metrics_key(self.job, st),

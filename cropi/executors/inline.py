@@ -8,6 +8,11 @@
 of the stage it last worked on); the Ray executor and the projection pool's
 actors use it too. Stage checkpoints are consolidated HF folders in the
 store (config + safetensors + tokenizer), one object per file.
+
+A stored part a handler reads and finds unreadable (a flipped byte, a
+truncated write) is recomputed, with a warning event naming its key:
+`TaskRecompute` runs the handler of the part's own task for an influence
+engine that cannot (the embedded run's controller has no model).
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from cropi.models.loading import load_policy
 from cropi.rl.trainer import GRPOTrainer
 from cropi.rollout.hf import HFRolloutEngine
 from cropi.runtime.hf_store import get_hf_folder, put_hf_folder
+from cropi.runtime.jobs import JobRegistry
 from cropi.runtime.store import ObjectStore
-from cropi.runtime.tasks import OfflineTask, ProjectTask, TaskContext, TrainTask
+from cropi.runtime.tasks import ExecutorFor, OfflineTask, ProjectTask, TaskContext, TrainTask
 from cropi.spec import JobSpec, parse_spec_yaml
 
 
@@ -130,6 +136,25 @@ class JobCache:
         return Policy(self.spec(job))
 
 
+def job_warning(jobs: JobRegistry, job: str) -> Callable[..., None]:
+    """An influence engine's `warn`: a warning event of `job` (the embedded run prints them)."""
+    return lambda message, **data: jobs.event(job, "warning", message, **data)
+
+
+class TaskRecompute:
+    """An influence engine's `recompute` source: a part is recomputed by running its task's handler
+    on the job's executor, here and now (the handlers are idempotent and write deterministic bytes)."""
+
+    def __init__(self, executor_for: ExecutorFor, job: str, ctx: TaskContext):
+        self.executor_for, self.job, self.ctx = executor_for, job, ctx
+
+    def offline_part(self, set_name: str, index: int) -> None:
+        self.executor_for(self.job).offline(OfflineTask(self.job, set_name, index), self.ctx)
+
+    def project_part(self, stage: int, set_name: str, index: int) -> None:
+        self.executor_for(self.job).project(ProjectTask(self.job, stage, set_name, index), self.ctx)
+
+
 class InlineExecutor:
     """The task handlers of `executor: inline` jobs. Each is idempotent: it writes deterministic
     bytes to fixed keys and skips what is already stored."""
@@ -140,6 +165,7 @@ class InlineExecutor:
     def offline(self, task: OfflineTask, ctx: TaskContext) -> dict:
         cache = self.cache
         influence = InfluenceEngine(cache.spec(task.job), cache.store)
+        influence.warn = job_warning(ctx.jobs, task.job)
         influence.collect_offline_part(cache.stage_policy(task.job, 0).engine, cache.data(task.job), task.set,
                                        task.part)
         return {"set": task.set, "part": task.part}
@@ -150,6 +176,8 @@ class InlineExecutor:
         influence = InfluenceEngine(cache.spec(task.job), cache.store, policy.model, policy.tokenizer)
         if influence.needs_behaviour_model(task.stage):
             influence.behaviour = policy.base_model()
+        influence.warn = job_warning(ctx.jobs, task.job)
+        influence.recompute = TaskRecompute(lambda job: self, task.job, ctx)  # an unreadable offline part
         influence.load_offline(cache.data(task.job))
         popi = influence.popi()
         try:

@@ -5,10 +5,16 @@ Stored as Parquet parts, one row per prompt with its whole group, under the
 keys the caller names (`curriculum/layout.py`: one folder per set). Each part's sampling seed depends
 only on (job seed, set, part index), so parts can be produced in any order,
 by any worker, and a part already in the store is never redone.
+
+A stored part that cannot be read back as what it should be (its checksum, a
+Parquet parse error, the wrong prompts or group sizes) counts as missing:
+`read_offline_part` raises `CorruptPart` naming its key, and
+`collect_offline_part` samples it again (same seed, same groups).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +26,9 @@ from cropi.seeding import stream_seed
 from cropi.data.types import Prompt
 from cropi.data.rewards import reward
 from cropi.rollout.base import RolloutEngine, SamplingParams
-from cropi.runtime.store import ObjectStore
+from cropi.runtime.store import ChecksumError, ObjectStore
+
+log = logging.getLogger(__name__)
 
 SCHEMA = pa.schema(
     [
@@ -55,6 +63,15 @@ class OfflineGroup:
     def eligible(self) -> bool:
         """All-equal rewards give zero advantages and no gradient (docs/design.md §2.2)."""
         return len(set(self.rewards)) > 1
+
+
+class CorruptPart(ValueError):
+    """A stored part (offline trajectories, projected gradients) is there but unreadable or not what
+    it should be. The message names the key and the kind of fault, never the data."""
+
+    def __init__(self, key: str, why: str):
+        super().__init__(f"stored part {key!r} is unreadable: {why}")
+        self.key, self.why = key, why
 
 
 def _encode(groups: list[OfflineGroup]) -> bytes:
@@ -94,11 +111,19 @@ def collect_offline_part(
     temperature: float,
     max_new_tokens: int,
     seed: int,
+    replace: bool = False,
 ) -> bool:
-    """Sample and store part `index` of set `set_name` (the prompts `chunk`) at `key` unless stored;
-    True if it was written. The sampling seed depends on (seed, set name, index) only."""
-    if store.exists(key):
-        return False
+    """Sample and store part `index` of set `set_name` (the prompts `chunk`) at `key` unless stored
+    and readable (`replace`: the caller found it is not); True if it was written. The sampling
+    seed depends on (seed, set name, index) only."""
+    if not replace and store.exists(key):
+        try:
+            read_offline_part(store, key, [p.id for p in chunk], n)
+            return False
+        except FileNotFoundError:
+            pass
+        except CorruptPart as bad:
+            log.warning("%s; sampling it again", bad)
     sampling = SamplingParams(
         temperature=temperature, max_new_tokens=max_new_tokens,
         seed=stream_seed("offline", seed, set_name, index) % 2**63,
@@ -144,7 +169,31 @@ def collect_offline(
     return written
 
 
+def read_offline_part(store: ObjectStore, key: str, prompt_ids: Sequence[str] | None = None,
+                      n: int | None = None) -> list[OfflineGroup]:
+    """The groups of the part at `key`; `CorruptPart` if its bytes do not read back as a part (of the
+    prompts `prompt_ids`, in that order, with `n` responses each, when given). A missing part raises
+    FileNotFoundError; any other store error (the store unreachable) propagates as it is."""
+    try:
+        data = store.get(key)
+    except ChecksumError as err:
+        raise CorruptPart(key, "checksum mismatch") from err
+    try:
+        groups = _decode(data)
+    except (ValueError, TypeError, KeyError, OSError, pa.ArrowException) as err:
+        raise CorruptPart(key, f"not a readable Parquet part ({type(err).__name__})") from err
+    if prompt_ids is not None and [g.prompt_id for g in groups] != list(prompt_ids):
+        raise CorruptPart(key, f"holds {len(groups)} groups, not those of its {len(prompt_ids)} prompts")
+    for g in groups:
+        sizes = {len(g.response_ids), len(g.logprobs), len(g.rewards)} | ({len(g.texts)} if g.texts else set())
+        if len(sizes) != 1 or (n is not None and sizes != {n}):
+            raise CorruptPart(key, "a group's responses, log-probs and rewards disagree in number")
+        if any(len(r) != len(lp) for r, lp in zip(g.response_ids, g.logprobs)):
+            raise CorruptPart(key, "a response's tokens and log-probs disagree in number")
+    return groups
+
+
 def load_offline(store: ObjectStore, prefix: str) -> list[OfflineGroup]:
-    """Every part stored under `prefix` (one set's folder), in part order."""
+    """Every part stored under `prefix` (one set's folder), in part order (`CorruptPart` on a bad one)."""
     keys = store.list(prefix)
-    return [g for key in keys for g in _decode(store.get(key))]
+    return [g for key in keys for g in read_offline_part(store, key)]
