@@ -9,8 +9,17 @@ validate (and default) custom resources against it.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+#: KubeRay's real CRDs, beside the project on the development machines.
+KUBERAY_CRDS = Path(__file__).resolve().parents[1].parent / "shared" / "kuberay-crds"
 
 # Keywords an API server refuses in a structural schema, whatever their value.
 _FORBIDDEN = {"$ref", "$schema", "$defs", "definitions", "id", "const", "patternProperties",
@@ -121,3 +130,15 @@ def defaults(schema: dict[str, Any], path: str = "") -> Iterator[tuple[str, Any,
         yield path, schema["default"], schema
     for sub_path, sub in _children(schema, path):
         yield from defaults(sub, sub_path)
+
+
+@functools.cache
+def kuberay_validator(kind: str) -> jsonschema.Draft202012Validator:
+    """KubeRay's schema of `kind`, parsed once (its CRD files are about 1 MB each)."""
+    if not KUBERAY_CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not present at {KUBERAY_CRDS} (reference data of the dev machines)")
+    crd = yaml.safe_load((KUBERAY_CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = to_jsonschema(version["schema"]["openAPIV3Schema"])
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)

@@ -6,22 +6,19 @@ Built-in objects are checked against the Kubernetes OpenAPI schemas of 1.29-1.33
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 from urllib.parse import urlparse
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 from helm_python import Chart, lint
 from helm_python.errors import HelmError
 
-from tests.helm_render import CHART, PRESET_FILES, ROOT, preset_values, render_chart
-from tests.k8s_schema import to_jsonschema
+from tests.helm_render import CHART, PRESET_FILES, preset_values, render_chart
+from tests.k8s_schema import kuberay_validator
 
-KUBERAY_CRDS = ROOT.parent / "shared" / "kuberay-crds"
 K8S_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
 PRESETS = list(PRESET_FILES)
 WORKER_KINDS = ("rollout", "projector", "trainer")
@@ -104,21 +101,9 @@ def test_every_builtin_object_is_valid_for_kubernetes_1_29_to_1_33(rendered, pre
         _assert_valid_kubernetes(obj)
 
 
-@functools.cache
-def _kuberay_validator(kind: str) -> jsonschema.Draft202012Validator:
-    """KubeRay's schema of `kind`, parsed once (its CRD files are about 1 MB each)."""
-    if not KUBERAY_CRDS.is_dir():
-        pytest.skip(f"KubeRay CRDs not present at {KUBERAY_CRDS} (reference data of the dev machines)")
-    crd = yaml.safe_load((KUBERAY_CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    schema = to_jsonschema(version["schema"]["openAPIV3Schema"])
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
-
-
 def _assert_valid_kuberay(obj: dict[str, Any]) -> None:
     body = {k: v for k, v in obj.items() if k != "metadata"}  # metadata is the API server's, not the CRD's
-    _kuberay_validator(obj["kind"]).validate(body)
+    kuberay_validator(obj["kind"]).validate(body)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

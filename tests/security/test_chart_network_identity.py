@@ -24,18 +24,15 @@ import json
 import re
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
-import yaml
 from helm_python import Chart
 from helm_python.errors import HelmError
 
 from cropi.curriculum import layout
-from tests.helm_render import CHART, PRESET_FILES, ROOT, preset_values, render_chart
-from tests.k8s_schema import to_jsonschema
+from tests.helm_render import CHART, PRESET_FILES, preset_values, render_chart
+from tests.k8s_schema import kuberay_validator
 
-KUBERAY_CRDS = ROOT.parent / "shared" / "kuberay-crds"
 PRESETS = list(PRESET_FILES)
 STORE_COMPONENTS = ("controller", "rollout", "projector", "trainer")
 RELEASE = {"app.kubernetes.io/name": "cropi", "app.kubernetes.io/instance": "demo"}
@@ -132,15 +129,6 @@ def _secret_refs(template: dict[str, Any]) -> set[tuple[str, str | None]]:
 
 def _secrets(objects) -> dict[str, dict[str, str]]:
     return {s["metadata"]["name"]: s["data"] for s in _of_kind(objects, "Secret")}
-
-
-@functools.cache
-def _kuberay_validator(kind: str) -> jsonschema.Draft202012Validator:
-    if not KUBERAY_CRDS.is_dir():
-        pytest.skip(f"KubeRay CRDs not present at {KUBERAY_CRDS} (reference data of the dev machines)")
-    crd = yaml.safe_load((KUBERAY_CRDS / f"ray.io_{kind.lower()}s.yaml").read_text())
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
-    return jsonschema.Draft202012Validator(to_jsonschema(version["schema"]["openAPIV3Schema"]))
 
 
 def _valid_for_kubernetes(obj: dict[str, Any]) -> None:
@@ -265,7 +253,7 @@ def test_pods_that_never_join_ray_do_not_get_its_token():
 def test_ray_objects_with_token_auth_are_accepted_by_the_kuberay_crd_schemas():
     for case in PRESETS + list(VARIANTS):
         for obj in _of_kind(_render(case), "RayCluster") + _of_kind(_render(case), "RayService"):
-            _kuberay_validator(obj["kind"]).validate({k: v for k, v in obj.items() if k != "metadata"})
+            kuberay_validator(obj["kind"]).validate({k: v for k, v in obj.items() if k != "metadata"})
 
 
 def test_token_auth_needs_ray_2_52_and_can_be_named_or_switched_off():
