@@ -8,6 +8,7 @@ it becomes an InputError (exit 2) carrying the server's message.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import httpx
@@ -17,6 +18,9 @@ from cropi.errors import InputError
 
 class ControllerError(RuntimeError):
     """The controller could not be reached or failed (exit 1)."""
+
+
+BUSY_RETRIES = 30  # a GET answered 429 (e.g. every long-poll slot taken) is retried this often
 
 
 def _token() -> str:
@@ -43,10 +47,16 @@ class ControllerClient:
                                  headers={"Authorization": f"Bearer {token or _token()}"})
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            r = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as err:
-            raise ControllerError(f"controller {self.url} unreachable: {err}") from None
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                r = self.http.request(method, path, **kwargs)
+            except httpx.HTTPError as err:
+                raise ControllerError(f"controller {self.url} unreachable: {err}") from None
+            if r.status_code != 429 or method != "GET" or attempt == BUSY_RETRIES:
+                break
+            time.sleep(_retry_after(r))
+        if r.status_code == 429:
+            raise ControllerError(f"controller busy (429): {response_detail(r)}")
         if r.status_code == 401:
             raise InputError(f"controller {self.url} refused the token (401): check CROPI_TOKEN")
         if 400 <= r.status_code < 500:
@@ -70,6 +80,14 @@ class ControllerClient:
     def events(self, job: str, after: str = "0-0", wait_ms: int = 0) -> list[dict[str, Any]]:
         return self._call("GET", f"/v1/jobs/{job}/events", params={"after": after, "wait_ms": wait_ms},
                           timeout=wait_ms / 1000 + 30)
+
+
+def _retry_after(r: httpx.Response) -> float:
+    """The seconds a busy controller asked to wait (Retry-After), within 0.1-5 s."""
+    try:
+        return min(5.0, max(0.1, float(r.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
 
 
 def response_detail(r: httpx.Response) -> str:

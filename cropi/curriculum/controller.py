@@ -12,6 +12,11 @@ carries on; nothing is done twice.
 The controller never touches a model. It reads the offline trajectories and
 projected gradients the workers stored, and computes selections with the same
 code as the embedded run (`selection.select_stage`).
+
+Each tick reads only the jobs still running (`JobRegistry.active`), and a job's
+cached view (spec, data, offline trajectories) is freed when it ends. With a
+retention period, an ended job's Redis state, its tasks' included, expires
+that long after it ended.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from cropi.curriculum.selection import needs_offline, needs_projection, select_s
 from cropi.curriculum.selectors import selection_size
 from cropi.data.sources import JobData, load_job_data
 from cropi.errors import InputError
-from cropi.runtime.jobs import TERMINAL, JobRegistry, Phase
+from cropi.runtime.jobs import TERMINAL, JobConflict, JobRegistry, Phase
 from cropi.runtime.queue import TaskBus
 from cropi.runtime.store import ObjectStore
 from cropi.runtime.tasks import AnyTask, OfflineTask, ProjectTask, TrainTask, to_payload
@@ -44,10 +49,14 @@ class JobView:
 
 
 class Controller:
-    def __init__(self, bus: TaskBus, jobs: JobRegistry, store: ObjectStore):
+    def __init__(self, bus: TaskBus, jobs: JobRegistry, store: ObjectStore, retention_s: float | None = None):
         self.bus = bus
         self.jobs = jobs
         self.store = store
+        # Seconds an ended job's Redis state is kept (None: forever, as in `cropi run`).
+        self.retention_s = retention_s
+        if retention_s is not None:
+            jobs.retention_s = retention_s
         self._views: dict[str, JobView] = {}
         # (job, phase, stage) whose tasks this controller has submitted. Empty after a restart, so
         # a restarted controller re-submits once (a no-op for tasks already there), not every tick.
@@ -60,15 +69,25 @@ class Controller:
         key = layout.spec_key(spec.name)
         if not self.store.exists(key):
             self.store.put(key, text.encode())
+        elif self.store.get(key).decode() != text:
+            # Redis forgot the name (its record expired, or Redis was wiped) but the store kept the
+            # job's artifacts: a different spec would silently run on them.
+            raise JobConflict(f"job {spec.name!r} ran before with a different spec (its artifacts are in the "
+                              "store); choose another name")
         created = self.jobs.create(spec.name, text)
         if created:  # a name Redis no longer knew (wiped, restored): nothing of it is submitted there
-            self._views.pop(spec.name, None)
-            self._emitted = {e for e in self._emitted if e[0] != spec.name}
+            self._forget(spec.name)
         return created
+
+    def _forget(self, job: str) -> None:
+        """Free what this controller holds for `job` (its view: spec, data, offline trajectories)."""
+        self._views.pop(job, None)
+        self._emitted = {e for e in self._emitted if e[0] != job}
 
     def resync(self) -> None:
         """Redis was away (maybe restarted without its last writes): re-submit each phase's tasks once."""
         self._emitted.clear()
+        self.jobs.reset_active()
 
     def view(self, job: str) -> JobView:
         if job not in self._views:
@@ -79,7 +98,8 @@ class Controller:
 
     # ------------------------------------------------------------ machine
     def active_jobs(self) -> list[str]:
-        return [n for n in self.jobs.names() if (self.jobs.get(n) or {}).get("phase") not in TERMINAL]
+        """The jobs not yet ended (one Redis read while none runs, not one per job ever submitted)."""
+        return self.jobs.active()
 
     def tick(self) -> bool:
         """Advance every active job as far as it can go without waiting; True if anything moved."""
@@ -103,6 +123,9 @@ class Controller:
         """One transition of `job`, if its current phase is finished; False when it must wait."""
         rec = self.jobs.get(job)
         if rec is None or rec["phase"] in TERMINAL:
+            # Ended (maybe by another writer) or expired: no longer active, nothing of it kept here.
+            self.jobs.forget_active(job)
+            self._forget(job)
             return False
         if rec["cancel"]:
             self._end(job, Phase.CANCELLED, "cancelled", "job cancelled")
@@ -167,7 +190,10 @@ class Controller:
         self.jobs.event(job, phase, message)
         events = self.jobs.events(job, count=1_000_000)
         self.store.put(layout.events_key(job), "".join(json.dumps(e) + "\n" for e in events).encode())
-        self._set(job, phase=phase, status=status, **fields)
+        self._set(job, phase=phase, status=status, **fields)  # leaves the active set; expiry starts
+        if self.jobs.retention_s:
+            self.bus.expire_job(job, self.jobs.retention_s)
+        self._forget(job)
 
     def _enter_stage(self, job: str, v: JobView, stage: int) -> None:
         phase = Phase.PROJECT if needs_projection(v.spec, stage) else Phase.SELECT
@@ -226,16 +252,12 @@ class Controller:
     def _results(self, tasks: list[AnyTask]) -> dict[str, dict] | None:
         """Every task's result by id, or None while any is missing; a dead-lettered task fails the job."""
         task_ids = [t.task_id for t in tasks]
+        failures, results = self.bus.outcomes(task_ids)  # one round trip, however many parts
         for task_id in task_ids:
-            error = self.bus.failure(task_id)
-            if error is not None:
-                raise RuntimeError(f"task {task_id} failed for good: {error}")
-        results = {}
-        for task_id in task_ids:
-            r = self.bus.result(task_id)
-            if r is None:
-                return None
-            results[task_id] = r
+            if task_id in failures:
+                raise RuntimeError(f"task {task_id} failed for good: {failures[task_id]}")
+        if len(results) < len(task_ids):
+            return None
         return results
 
 

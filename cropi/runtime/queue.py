@@ -19,6 +19,12 @@ Keys (prefix `cropi` by default):
     <p>:result:<task id>      JSON result (first writer wins)
     <p>:submitted:<task id>   marker that makes submit idempotent
     <p>:failed:<task id>      the error of a dead-lettered task
+    <p>:job-tasks:<job>       set of the task ids submitted for a job (payload field `job`)
+
+Bounded: an entry leaves its stream when it is acknowledged (XACK + XDEL in
+one transaction), the dead-letter stream is capped at about MAX_DEAD entries,
+and `expire_job` gives a finished job's per-task keys the job's retention
+(a result written after that inherits it).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import redis
 
 GROUP = "workers"
+MAX_DEAD = 10_000
 
 
 @dataclass
@@ -68,6 +75,15 @@ class TaskBus:
     def _result(self, task_id: str) -> str:
         return f"{self.prefix}:result:{task_id}"
 
+    def _failed(self, task_id: str) -> str:
+        return f"{self.prefix}:failed:{task_id}"
+
+    def _submitted(self, task_id: str) -> str:
+        return f"{self.prefix}:submitted:{task_id}"
+
+    def _job_tasks(self, job: str) -> str:
+        return f"{self.prefix}:job-tasks:{job}"
+
     def _ensure_group(self, kind: str) -> None:
         if kind in self._groups:
             return
@@ -85,7 +101,8 @@ class TaskBus:
         Returns True if this call enqueued it.
         """
         self._ensure_group(kind)
-        marker = f"{self.prefix}:submitted:{task_id}"
+        marker = self._submitted(task_id)
+        job = payload.get("job")
         body = json.dumps(payload, sort_keys=True)
         # MULTI/EXEC: the marker and the entry exist together or not at all.
         pipe = self.r.pipeline(transaction=True)
@@ -98,6 +115,8 @@ class TaskBus:
                 pipe.multi()
                 pipe.set(marker, "1")
                 pipe.xadd(self.stream(kind), {"task_id": task_id, "payload": body})
+                if isinstance(job, str):
+                    pipe.sadd(self._job_tasks(job), task_id)
                 pipe.execute()
                 return True
             except redis.WatchError:
@@ -133,8 +152,8 @@ class TaskBus:
 
     def _first_task(self, kind: str, entries: list) -> Task | None:
         for entry_id, fields in entries:
-            if not fields:  # trimmed from the stream while pending
-                self.r.xack(self.stream(kind), GROUP, entry_id)
+            if not fields:  # deleted from the stream while pending
+                self._ack(kind, entry_id)
                 continue
             task = self._deliver(kind, entry_id, fields)
             if task is not None:
@@ -148,7 +167,7 @@ class TaskBus:
         attempt = int(self.r.hincrby(self._attempts(kind), task_id, 1))
         if self.r.exists(self._result(task_id)):
             # Done already (a duplicate delivery after the result was written): just acknowledge.
-            self.r.xack(self.stream(kind), GROUP, entry_id)
+            self._ack(kind, entry_id)
             return None
         if attempt > self.max_attempts:
             self._dead_letter(kind, entry_id, task_id, payload, f"gave up after {self.max_attempts} attempts")
@@ -164,8 +183,10 @@ class TaskBus:
         pipe = self.r.pipeline(transaction=True)
         pipe.set(self._result(task.task_id), json.dumps(result, sort_keys=True), nx=True)
         pipe.xack(self.stream(task.kind), GROUP, task.entry_id)
+        pipe.xdel(self.stream(task.kind), task.entry_id)
         pipe.hdel(self._attempts(task.kind), task.task_id)
-        kept, _, _ = pipe.execute()
+        kept = pipe.execute()[0]
+        self._inherit_ttl(task.payload, [self._result(task.task_id)])
         return bool(kept)
 
     def fail(self, task: Task, error: str) -> None:
@@ -184,20 +205,73 @@ class TaskBus:
         pipe = self.r.pipeline(transaction=True)
         pipe.xadd(self.stream(task.kind), {"task_id": task.task_id, "payload": json.dumps(task.payload, sort_keys=True)})
         pipe.xack(self.stream(task.kind), GROUP, task.entry_id)
+        pipe.xdel(self.stream(task.kind), task.entry_id)
         return pipe
 
     def _dead_letter(self, kind: str, entry_id: str, task_id: str, payload: dict, error: str) -> None:
         pipe = self.r.pipeline(transaction=True)
         pipe.xadd(self.dead_stream(kind), {"task_id": task_id, "payload": json.dumps(payload, sort_keys=True),
-                                           "error": error[:2000]})
+                                           "error": error[:2000]}, maxlen=MAX_DEAD, approximate=True)
         pipe.xack(self.stream(kind), GROUP, entry_id)
-        pipe.set(f"{self.prefix}:failed:{task_id}", error[:2000])
+        pipe.xdel(self.stream(kind), entry_id)
+        pipe.hdel(self._attempts(kind), task_id)
+        pipe.set(self._failed(task_id), error[:2000])
         pipe.execute()
+        self._inherit_ttl(payload, [self._failed(task_id)])
+
+    def _ack(self, kind: str, entry_id: Any) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(self.stream(kind), GROUP, entry_id)
+        pipe.xdel(self.stream(kind), entry_id)
+        pipe.execute()
+
+    # ------------------------------------------------------------ retention
+    def expire_job(self, job: str, ttl_s: float) -> None:
+        """A finished job: its tasks' markers, results and errors expire in `ttl_s` seconds.
+
+        The set of its task ids gets its TTL first, so that a result written
+        meanwhile either sees it (and inherits it) or is seen here.
+        """
+        ttl = max(1, int(ttl_s))
+        tasks_key = self._job_tasks(job)
+        if not self.r.expire(tasks_key, ttl):
+            return  # no task was ever submitted for it (or it is gone already)
+        task_ids = [_s(t) for t in self.r.smembers(tasks_key)]
+        for i in range(0, len(task_ids), 500):
+            with self.r.pipeline(transaction=False) as pipe:
+                for task_id in task_ids[i:i + 500]:
+                    for key in (self._submitted(task_id), self._result(task_id), self._failed(task_id)):
+                        pipe.expire(key, ttl)
+                pipe.execute()
+
+    def _inherit_ttl(self, payload: dict[str, Any], keys: list[str]) -> None:
+        """Keys written for a job that has finished already expire with the job's other keys."""
+        job = payload.get("job")
+        if not isinstance(job, str):
+            return
+        ttl = self.r.ttl(self._job_tasks(job))
+        if ttl > 0:
+            with self.r.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.expire(key, ttl)
+                pipe.execute()
 
     def failure(self, task_id: str) -> str | None:
         """The error of a dead-lettered task, or None."""
-        raw = self.r.get(f"{self.prefix}:failed:{task_id}")
+        raw = self.r.get(self._failed(task_id))
         return None if raw is None else raw.decode()
+
+    def outcomes(self, task_ids: list[str]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """The errors of the dead-lettered ones and the results of the finished ones, in one round trip."""
+        if not task_ids:
+            return {}, {}
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.mget([self._failed(t) for t in task_ids])
+            pipe.mget([self._result(t) for t in task_ids])
+            failed, done = pipe.execute()
+        failures = {t: raw.decode() for t, raw in zip(task_ids, failed) if raw is not None}
+        results = {t: json.loads(raw) for t, raw in zip(task_ids, done) if raw is not None}
+        return failures, results
 
     # --------------------------------------------------------------- reads
     def result(self, task_id: str) -> dict[str, Any] | None:

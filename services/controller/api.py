@@ -9,18 +9,35 @@
 
 Every /v1 route needs `Authorization: Bearer <token>`. The OpenAPI spec is
 at /openapi.json.
+
+Limits: the token is checked before any byte of a request body is read
+(401); a body is read in pieces and refused with 413 as soon as it passes
+1 MiB, chunked or not. An events long-poll (`wait_ms`, at most 30000) answers
+by its deadline, on its own bounded pool of threads and Redis connections
+(64 by default, CROPI_LONG_POLL_SLOTS; past them 429 with Retry-After), so
+that long-polls never delay /healthz or the other routes. An event id Redis
+cannot take (a part of 2**64 or more) is a 400 naming the parameter; no
+refusal repeats the value it refuses.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 import logging
+import os
 import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from functools import lru_cache
 from typing import Any
 
+import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
@@ -30,10 +47,21 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cropi.curriculum.controller import Controller
 from cropi.errors import InputError
-from cropi.runtime.jobs import TERMINAL, JobConflict, JobRegistry
+from cropi.runtime.jobs import (
+    DEFAULT_RETENTION_S,
+    TERMINAL,
+    JobConflict,
+    JobRegistry,
+    parse_event_id,
+    retention_from_env,
+)
 from cropi.runtime.queue import TaskBus
 from cropi.runtime.store import ObjectStore
 from cropi.runtime.tasks import TaskKind
@@ -42,6 +70,10 @@ from cropi.spec import parse_spec_yaml
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20  # a job spec is a few KB; anything near a MiB is a mistake or an attack
+MAX_WAIT_MS = 30_000  # the longest events long-poll
+LONG_POLL_SLOTS = 64  # long-polls open at once (each holds a thread and a Redis connection); more: 429
+LONG_POLL_SLOTS_ENV = "CROPI_LONG_POLL_SLOTS"
+UNAUTHORIZED = "missing or wrong bearer token"
 
 
 class SubmitRequest(BaseModel):
@@ -62,11 +94,25 @@ class JobStatus(BaseModel):
     total_steps: int = 0
 
 
-@lru_cache(maxsize=1024)
+_SHAPES: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+_SHAPES_LOCK = threading.Lock()
+
+
 def _shape(spec_yaml: str) -> tuple[int, int]:
-    # Parsing a spec costs milliseconds; status requests are many and specs never change.
+    # Parsing a spec costs milliseconds; status requests are many and specs never change. Cached by
+    # digest, so that the cache holds two ints per spec, not the spec text (up to a MiB each).
+    digest = hashlib.sha256(spec_yaml.encode()).digest()
+    with _SHAPES_LOCK:
+        if digest in _SHAPES:
+            _SHAPES.move_to_end(digest)
+            return _SHAPES[digest]
     spec = parse_spec_yaml(spec_yaml)
-    return spec.curriculum.stages, spec.total_steps
+    shape = (spec.curriculum.stages, spec.total_steps)
+    with _SHAPES_LOCK:
+        _SHAPES[digest] = shape
+        while len(_SHAPES) > 1024:
+            _SHAPES.popitem(last=False)
+    return shape
 
 
 def _status(rec: dict[str, Any]) -> JobStatus:
@@ -76,12 +122,94 @@ def _status(rec: dict[str, Any]) -> JobStatus:
                      stages=stages, total_steps=total_steps)
 
 
+def _bearer_ok(header: str | None, token: bytes) -> bool:
+    scheme, _, credentials = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), token)
+
+
+class RequestGuard:
+    """ASGI middleware in front of everything: /v1 requests without the token are answered 401
+    before their body is read, and a body is read in pieces up to MAX_BODY_BYTES (chunked or not)
+    and answered 413 at the first byte over, without reading the rest."""
+
+    def __init__(self, app: ASGIApp, token: str, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.token = token.encode()
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        path = scope.get("path", "")
+        if (path == "/v1" or path.startswith("/v1/")) and not _bearer_ok(headers.get("authorization"), self.token):
+            await JSONResponse({"detail": UNAUTHORIZED}, status_code=401,
+                               headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._too_large(scope, receive, send)
+            return
+        if length in (None, "0") and "chunked" not in headers.get("transfer-encoding", "").lower():
+            await self.app(scope, receive, send)  # no body
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client went away mid-body
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await JSONResponse({"detail": f"request body larger than {self.limit} bytes"},
+                           status_code=413)(scope, receive, send)
+
+
+def long_poll_client(client: redis.Redis, slots: int, max_wait_s: float = MAX_WAIT_MS / 1000) -> redis.Redis:
+    """A client to the same Redis for long-polls: a socket timeout above the longest wait (the shared
+    client's would fire first and retry the read, tripling it), no retries of its own (the wait's
+    deadline decides), and at most `slots` connections."""
+    pool = client.connection_pool
+    kwargs = {k: v for k, v in pool.connection_kwargs.items()
+              if not k.startswith(("maint_notifications", "orig_"))}  # tied to the shared pool
+    kwargs.update(socket_timeout=max_wait_s + 10, retry=Retry(NoBackoff(), 0), retry_on_error=[],
+                  retry_on_timeout=False, health_check_interval=0)
+    kwargs.pop("connection_class", None)
+    return redis.Redis(connection_pool=redis.BlockingConnectionPool(
+        connection_class=pool.connection_class, max_connections=slots, timeout=5, **kwargs))
+
+
 def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
-               run_loop: bool = True, tick_s: float = 0.2) -> FastAPI:
+               run_loop: bool = True, tick_s: float = 0.2, retention_s: float | None = DEFAULT_RETENTION_S,
+               long_poll_slots: int = LONG_POLL_SLOTS) -> FastAPI:
+    """The controller app; `retention_s`: how long an ended job's Redis state is kept (None: forever)."""
     if not token:
         raise InputError("the controller needs a bearer token: set CROPI_TOKEN or CROPI_TOKEN_FILE")
-    controller = Controller(bus, jobs, store)
+    if long_poll_slots < 1:
+        raise InputError(f"{LONG_POLL_SLOTS_ENV}: must be at least 1")
+    controller = Controller(bus, jobs, store, retention_s=retention_s)
     stop = threading.Event()
+    # Long-polls: their own threads, Redis connections and registry; a slot is freed when the wait
+    # ends (not when its client goes away), so that the threads never outnumber the slots.
+    waiters = JobRegistry(long_poll_client(bus.r, long_poll_slots), prefix=jobs.prefix)
+    wait_pool = ThreadPoolExecutor(long_poll_slots, thread_name_prefix="long-poll")
+    wait_slots = threading.BoundedSemaphore(long_poll_slots)
+    health_pool = ThreadPoolExecutor(1, thread_name_prefix="healthz")
 
     def loop() -> None:
         while not stop.is_set():
@@ -99,20 +227,25 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
             threading.Thread(target=loop, name="stage-machine", daemon=True).start()
         yield
         stop.set()
+        wait_pool.shutdown(wait=False, cancel_futures=True)
+        health_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="cropi controller", version="1", description=__doc__, lifespan=lifespan)
     bearer = HTTPBearer(auto_error=False)
 
     def authorized(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        # RequestGuard refused these before reading a body; this keeps each route safe on its own
+        # (and puts the scheme in the OpenAPI spec).
         if cred is None or not hmac.compare_digest(cred.credentials.encode(), token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse({"detail": f"request body larger than {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestGuard, token=token, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's answer names each field and repeats its value ("input"): keep the names only.
+        errors = [{k: v for k, v in e.items() if k not in ("input", "url")} for e in exc.errors()]
+        return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
     def job_or_404(name: str) -> dict[str, Any]:
         rec = jobs.get(name)
@@ -136,7 +269,7 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
 
     @app.get("/v1/jobs", response_model=list[JobStatus], dependencies=[Depends(authorized)])
     def list_jobs() -> list[JobStatus]:
-        return [_status(rec) for rec in (jobs.get(n) for n in jobs.names()) if rec]
+        return [_status(rec) for rec in jobs.records()]
 
     @app.get("/v1/jobs/{name}", response_model=JobStatus, dependencies=[Depends(authorized)])
     def get_job(name: str) -> JobStatus:
@@ -149,15 +282,43 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
             jobs.request_cancel(name)
         return _status(jobs.get(name))
 
-    @app.get("/v1/jobs/{name}/events", dependencies=[Depends(authorized)])
-    def events(name: str, after: str = Query("0-0", pattern=r"^\d+-\d+$"),
-               wait_ms: int = Query(0, ge=0, le=30_000)) -> list[dict[str, Any]]:
+    def events_now(name: str, after: str) -> list[dict[str, Any]]:
         job_or_404(name)
-        return jobs.events(name, after=after, block_ms=wait_ms or None)
+        return jobs.events(name, after=after)
+
+    def events_waited(name: str, after: str, wait_ms: int) -> list[dict[str, Any]]:
+        if waiters.get(name) is None:
+            raise HTTPException(404, f"no job named {name!r}")
+        return waiters.wait_events(name, after, wait_ms)
+
+    @app.get("/v1/jobs/{name}/events", dependencies=[Depends(authorized)], responses={
+        400: {"description": "`after` is not an event id Redis can take"},
+        404: {"description": "no job of that name"},
+        429: {"description": "every long-poll slot is taken: retry after Retry-After seconds"}})
+    async def events(name: str, after: str = Query("0-0", pattern=r"^\d+-\d+$"),
+                     wait_ms: int = Query(0, ge=0, le=MAX_WAIT_MS)) -> list[dict[str, Any]]:
+        try:
+            after = parse_event_id(after, "query parameter 'after'")
+        except InputError as err:
+            raise HTTPException(400, str(err)) from None
+        if not wait_ms:
+            return await run_in_threadpool(events_now, name, after)
+        if not wait_slots.acquire(blocking=False):
+            raise HTTPException(429, f"all {long_poll_slots} long-polls are open; retry shortly",
+                                headers={"Retry-After": "1"})
+        try:
+            future = wait_pool.submit(events_waited, name, after, wait_ms)
+        except BaseException:
+            wait_slots.release()
+            raise
+        # Freed when the wait ends or is cancelled before it began, not when the client goes away.
+        future.add_done_callback(lambda _f: wait_slots.release())
+        return await asyncio.wrap_future(future)
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        bus.r.ping()
+    async def healthz() -> dict[str, str]:
+        # Its own thread: a full request pool (slow clients, a burst of requests) does not fail the probe.
+        await asyncio.get_running_loop().run_in_executor(health_pool, bus.r.ping)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -170,10 +331,8 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
         stage = Gauge("cropi_job_stage", "current stage", ["job"], registry=registry)
         step = Gauge("cropi_job_step", "completed training steps", ["job"], registry=registry)
         acc = Gauge("cropi_job_metric", "latest evaluation summary", ["job", "metric"], registry=registry)
-        for name in jobs.names():
-            rec = jobs.get(name)
-            if rec is None:
-                continue
+        for rec in jobs.records():
+            name = rec["name"]
             stage.labels(name).set(rec["stage"])
             step.labels(name).set(rec["step"])
             for key, value in rec["metrics"].items():
@@ -185,8 +344,14 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
 
 
 def serve(host: str, port: int, bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str) -> None:
+    """Run the controller. `CROPI_JOB_RETENTION_S` (default 7 days; 0: forever) and
+    `CROPI_LONG_POLL_SLOTS` (default 64) tune it."""
     import uvicorn
 
-    app = create_app(bus, jobs, store, token)
+    raw_slots = os.environ.get(LONG_POLL_SLOTS_ENV, "").strip()
+    if raw_slots and not raw_slots.isdigit():
+        raise InputError(f"{LONG_POLL_SLOTS_ENV}: not a whole number")
+    app = create_app(bus, jobs, store, token, retention_s=retention_from_env(),
+                     long_poll_slots=int(raw_slots) if raw_slots else LONG_POLL_SLOTS)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
