@@ -15,7 +15,8 @@ import yaml
 
 from cropi import embedded
 from cropi.errors import InputError
-from cropi.spec import MAX_SPEC_BYTES, JobSpec, load_spec, parse_spec, parse_spec_yaml
+from cropi.spec import JobSpec, load_spec, parse_spec, parse_spec_yaml
+from cropi.spec_yaml import MAX_SPEC_BYTES
 
 from ..conftest import run_cli
 
