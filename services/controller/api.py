@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
@@ -47,10 +46,6 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cropi.curriculum.controller import Controller
 from cropi.errors import InputError
@@ -66,14 +61,19 @@ from cropi.runtime.queue import TaskBus
 from cropi.runtime.store import ObjectStore
 from cropi.runtime.tasks import TaskKind
 from cropi.spec import parse_spec_yaml
+from services.controller.guard import (
+    MAX_BODY_BYTES,
+    MAX_WAIT_MS,
+    UNAUTHORIZED,
+    RequestGuard,
+    long_poll_client,
+)
+from services.controller.stage_loop import StageLoop
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1 << 20  # a job spec is a few KB; anything near a MiB is a mistake or an attack
-MAX_WAIT_MS = 30_000  # the longest events long-poll
 LONG_POLL_SLOTS = 64  # long-polls open at once (each holds a thread and a Redis connection); more: 429
 LONG_POLL_SLOTS_ENV = "CROPI_LONG_POLL_SLOTS"
-UNAUTHORIZED = "missing or wrong bearer token"
 
 
 class SubmitRequest(BaseModel):
@@ -122,78 +122,6 @@ def _status(rec: dict[str, Any]) -> JobStatus:
                      stages=stages, total_steps=total_steps)
 
 
-def _bearer_ok(header: str | None, token: bytes) -> bool:
-    scheme, _, credentials = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), token)
-
-
-class RequestGuard:
-    """ASGI middleware in front of everything: /v1 requests without the token are answered 401
-    before their body is read, and a body is read in pieces up to MAX_BODY_BYTES (chunked or not)
-    and answered 413 at the first byte over, without reading the rest."""
-
-    def __init__(self, app: ASGIApp, token: str, limit: int = MAX_BODY_BYTES):
-        self.app = app
-        self.token = token.encode()
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        path = scope.get("path", "")
-        if (path == "/v1" or path.startswith("/v1/")) and not _bearer_ok(headers.get("authorization"), self.token):
-            await JSONResponse({"detail": UNAUTHORIZED}, status_code=401,
-                               headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
-            return
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self._too_large(scope, receive, send)
-            return
-        if length in (None, "0") and "chunked" not in headers.get("transfer-encoding", "").lower():
-            await self.app(scope, receive, send)  # no body
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client went away mid-body
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.limit:
-                await self._too_large(scope, receive, send)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replayed() -> Message:
-            return replay.pop() if replay else await receive()
-
-        await self.app(scope, replayed, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await JSONResponse({"detail": f"request body larger than {self.limit} bytes"},
-                           status_code=413)(scope, receive, send)
-
-
-def long_poll_client(client: redis.Redis, slots: int, max_wait_s: float = MAX_WAIT_MS / 1000) -> redis.Redis:
-    """A client to the same Redis for long-polls: a socket timeout above the longest wait (the shared
-    client's would fire first and retry the read, tripling it), no retries of its own (the wait's
-    deadline decides), and at most `slots` connections."""
-    pool = client.connection_pool
-    kwargs = {k: v for k, v in pool.connection_kwargs.items()
-              if not k.startswith(("maint_notifications", "orig_"))}  # tied to the shared pool
-    kwargs.update(socket_timeout=max_wait_s + 10, retry=Retry(NoBackoff(), 0), retry_on_error=[],
-                  retry_on_timeout=False, health_check_interval=0)
-    kwargs.pop("connection_class", None)
-    return redis.Redis(connection_pool=redis.BlockingConnectionPool(
-        connection_class=pool.connection_class, max_connections=slots, timeout=5, **kwargs))
-
-
 def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
                run_loop: bool = True, tick_s: float = 0.2, retention_s: float | None = DEFAULT_RETENTION_S,
                long_poll_slots: int = LONG_POLL_SLOTS) -> FastAPI:
@@ -203,7 +131,6 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
     if long_poll_slots < 1:
         raise InputError(f"{LONG_POLL_SLOTS_ENV}: must be at least 1")
     controller = Controller(bus, jobs, store, retention_s=retention_s)
-    stop = threading.Event()
     # Long-polls: their own threads, Redis connections and registry; a slot is freed when the wait
     # ends (not when its client goes away), so that the threads never outnumber the slots.
     waiters = JobRegistry(long_poll_client(bus.r, long_poll_slots), prefix=jobs.prefix)
@@ -211,22 +138,14 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
     wait_slots = threading.BoundedSemaphore(long_poll_slots)
     health_pool = ThreadPoolExecutor(1, thread_name_prefix="healthz")
 
-    def loop() -> None:
-        while not stop.is_set():
-            try:
-                if not controller.tick():
-                    stop.wait(tick_s)
-            except Exception:  # Redis restarting, store unreachable: log, wait, go on
-                log.exception("controller tick failed; retrying")
-                controller.resync()
-                stop.wait(1.0)
+    stage_loop = StageLoop(controller, tick_s=tick_s)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         if run_loop:
-            threading.Thread(target=loop, name="stage-machine", daemon=True).start()
+            stage_loop.start()
         yield
-        stop.set()
+        stage_loop.stop()
         wait_pool.shutdown(wait=False, cancel_futures=True)
         health_pool.shutdown(wait=False, cancel_futures=True)
 
