@@ -9,7 +9,9 @@ gradients over ranks gives the single-process token-mean gradient of
 the reference's too, and the loop is `GRPOTrainer.step` itself.
 
 Checkpoints never assume a shared filesystem: each rank uploads its own
-DeepSpeed files to the object store and downloads only what it needs.
+DeepSpeed files to the object store and downloads only what it needs. They
+are read back with `torch.load(weights_only=True)` (`cropi.rl.zero_checkpoint`):
+write access to the store never means running code in the trainer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from transformers import PreTrainedModel
 
 from cropi.rl.trainer import GRPOTrainer, warmup_schedule
+from cropi.rl.zero_checkpoint import UnsafeZeroCheckpoint, load_safely
 from cropi.runtime.store import ObjectStore
 from cropi.spec import RLSpec
 
@@ -39,6 +42,9 @@ PARAM_PERSISTENCE_THRESHOLD = 100_000
 _TAG = "state"  # one DeepSpeed tag per store prefix: the prefix names the checkpoint
 _MANIFEST = "manifest.json"  # written last: a prefix without it holds no complete checkpoint
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank files (partitions, optimizer shards)
+# What a load downloads: the tag's own files, which are all DeepSpeed reads; its recovery scripts
+# beside the tag (zero_to_fp32.py) stay in the store.
+_STATE_FILE = re.compile(rf"{_TAG}/[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def deepspeed_config(
@@ -154,6 +160,7 @@ class ZeroBackend:
                                   param_persistence_threshold=param_persistence_threshold)
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                     config=config)
+        load_safely(self.engine)  # checkpoints come from the store: never unpickle them
         self.module = self.engine  # forward through the engine: it gathers ZeRO-3 partitions
         self.device = self.engine.device
         self.reference = None
@@ -242,16 +249,27 @@ class ZeroGRPOTrainer(GRPOTrainer):
         if manifest["world_size"] != self.world_size:
             raise ValueError(f"checkpoint {prefix} was saved by {manifest['world_size']} ranks, this trainer has "
                              f"{self.world_size}: ZeRO shards cannot be re-partitioned")
+        checkpoint_engine = load_safely(self.engine)
         with tempfile.TemporaryDirectory() as tmp:
             for name in manifest["files"]:
+                if not _STATE_FILE.fullmatch(name):
+                    continue  # not read by DeepSpeed
                 other = _RANK_FILE.search(Path(name).name)
                 if other and int(other.group(1)) != self.rank:
                     continue  # another rank's shard
                 path = Path(tmp) / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(store.get(f"{prefix}/{name}"))
-            _, client_state = self.engine.load_checkpoint(tmp, tag=_TAG, load_optimizer_states=True,
-                                                          load_lr_scheduler_states=False)
+                checkpoint_engine.keys[str(path)] = f"{prefix}/{name}"
+            try:
+                _, client_state = self.engine.load_checkpoint(tmp, tag=_TAG, load_optimizer_states=True,
+                                                              load_lr_scheduler_states=False)
+            finally:
+                checkpoint_engine.keys.clear()
         if client_state is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {prefix}")
-        self.scheduler.load_state_dict(client_state["scheduler"])
+        scheduler = client_state.get("scheduler")
+        # `load_state_dict` sets every key as an attribute of the scheduler: only its own state's keys.
+        if not isinstance(scheduler, dict) or not scheduler.keys() <= self.scheduler.state_dict().keys():
+            raise UnsafeZeroCheckpoint(f"ZeRO checkpoint {prefix!r} holds a schedule state cropi did not write")
+        self.scheduler.load_state_dict(scheduler)
