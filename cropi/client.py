@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -20,6 +21,7 @@ class ControllerError(RuntimeError):
     """The controller could not be reached or failed (exit 1)."""
 
 
+TENANT_HEADER = "X-Cropi-Tenant"  # the operator's token only: the tenant (namespace) a request acts for
 BUSY_RETRIES = 30  # a GET answered 429 (e.g. every long-poll slot taken) is retried this often
 
 
@@ -69,17 +71,24 @@ class ControllerClient:
         return self._call("POST", "/v1/jobs", json={"spec": spec_yaml})
 
     def status(self, job: str) -> dict[str, Any]:
-        return self._call("GET", f"/v1/jobs/{job}")
+        return self._call("GET", job_path(job))
 
     def list(self) -> list[dict[str, Any]]:
         return self._call("GET", "/v1/jobs")
 
     def cancel(self, job: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/jobs/{job}/cancel")
+        return self._call("POST", job_path(job, "cancel"))
 
     def events(self, job: str, after: str = "0-0", wait_ms: int = 0) -> list[dict[str, Any]]:
-        return self._call("GET", f"/v1/jobs/{job}/events", params={"after": after, "wait_ms": wait_ms},
+        return self._call("GET", job_path(job, "events"), params={"after": after, "wait_ms": wait_ms},
                           timeout=wait_ms / 1000 + 30)
+
+
+def job_path(job: str, action: str = "") -> str:
+    """The API path of a job (and an action on it). The name is one escaped path segment, so that
+    `cropi cancel ../jobs/x` asks about a job named '../jobs/x' (there is none), not about x."""
+    path = f"/v1/jobs/{quote(job, safe='')}"
+    return f"{path}/{action}" if action else path
 
 
 def _retry_after(r: httpx.Response) -> float:

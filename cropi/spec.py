@@ -337,8 +337,9 @@ class JobSpec(_Section):
     @field_validator("name")
     @classmethod
     def _dns_name(cls, v: str) -> str:
-        # Job names become Kubernetes object names and storage prefixes.
-        return _require(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v,
+        # Job names become Kubernetes object names and storage prefixes. The controller stores a
+        # tenant's job as <tenant>.<name> (services/controller/tenancy.py); a user's name has no dot.
+        return _require(r"([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", v,
                         "must be a DNS label: lowercase letters, digits and '-', 1-63 chars")
 
     @field_validator("executor")

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import kopf
 
-from cropi.client import ControllerClient, response_detail
+from cropi.client import TENANT_HEADER, ControllerClient, job_path, response_detail
 from cropi.crd import GROUP, PLURAL, VERSION, job_spec_of
 from cropi.errors import InputError
 from cropi.runtime.jobs import Phase
@@ -89,11 +89,13 @@ def _lifecycle_conditions(conditions: list[Mapping[str, Any]] | None, phase: str
 # ---------------------------------------------------------------- controller calls
 
 
-def _call(client: ControllerClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    """A controller request whose 4xx answers come back for the handler to judge (ControllerClient
-    folds them all into InputError); unreachable, 5xx or a refused token -> TemporaryError."""
+def _call(client: ControllerClient, method: str, path: str, meta: Mapping[str, Any], **kwargs: Any) -> httpx.Response:
+    """A controller request for the object's namespace (its tenant: a CurriculumJob sees and
+    cancels only its own namespace's jobs), whose 4xx answers come back for the handler to judge
+    (ControllerClient folds them all into InputError); unreachable, 5xx or a refused token -> TemporaryError."""
+    headers = {TENANT_HEADER: meta.get("namespace") or "default"}
     try:
-        r = client.http.request(method, path, **kwargs)
+        r = client.http.request(method, path, headers=headers, **kwargs)
     except httpx.HTTPError as err:
         raise kopf.TemporaryError(f"controller {client.url} unreachable: {err}", delay=RETRY_S) from None
     if r.status_code == 401:
@@ -142,10 +144,9 @@ def submit(spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str
         job = job_spec(spec, meta)
     except InputError as err:
         raise refused(INVALID, "InvalidSpec", str(err)) from None
-    r = _call(client, "POST", "/v1/jobs", json={"spec": job.to_yaml()})
+    r = _call(client, "POST", "/v1/jobs", meta, json={"spec": job.to_yaml()})
     if r.status_code == 409:
-        raise refused(CONFLICT, "NameConflict", f"{response_detail(r)} (job names are shared by every namespace "
-                                                f"the operator watches)")
+        raise refused(CONFLICT, "NameConflict", response_detail(r))
     if r.status_code >= 400:  # 422: the controller runs a different spec version than the operator
         raise refused(INVALID, "InvalidSpec", f"controller refused the spec ({r.status_code}): {response_detail(r)}")
     verb = "submitted" if r.status_code == 201 else "already submitted"
@@ -176,7 +177,7 @@ def change_spec(spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mappin
     except InputError as err:
         message = f"spec change refused, the job runs its submitted spec: {err}"
         raise Refused(message, verdict(False, "InvalidSpec", message)) from None
-    r = _call(client, "POST", "/v1/jobs", json={"spec": job.to_yaml()})
+    r = _call(client, "POST", "/v1/jobs", meta, json={"spec": job.to_yaml()})
     if r.status_code in (200, 201):
         return verdict(True, "SpecUnchanged", "the spec is the one the job was submitted with")
     message = (f"a submitted job's spec is immutable (generation {generation} refused); "
@@ -196,7 +197,7 @@ def poll(spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str, 
         return {}
     now = now or now_rfc3339()
     job = status["controllerJob"]
-    r = _call(client, "GET", f"/v1/jobs/{job}")
+    r = _call(client, "GET", job_path(job), meta)
     if r.status_code == 404:
         # The controller lost the job (its Redis was wiped). Resubmitting would silently restart
         # training, so say so and keep looking: a restored Redis brings it back.
@@ -215,7 +216,7 @@ def cancel(spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str
     job = status.get("controllerJob")
     if not job or status.get("phase") in TERMINAL:
         return False
-    r = _call(client, "POST", f"/v1/jobs/{job}/cancel")
+    r = _call(client, "POST", job_path(job, "cancel"), meta)
     if r.status_code == 404:  # already gone at the controller: nothing left to stop
         return False
     if r.status_code >= 400:

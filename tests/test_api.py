@@ -68,7 +68,7 @@ def test_metrics_are_exposed_for_prometheus(api):
     post_spec(api, GOOD)
     text = api.get("/metrics").text
     assert 'cropi_queue_depth{kind="train",state="waiting"} 0.0' in text
-    assert 'cropi_job_stage{job="api-job"} 0.0' in text
+    assert 'cropi_job_stage{job="api-job",tenant="default"} 0.0' in text
 
 
 def test_a_controller_without_a_token_refuses_to_start(redis_server, tmp_path):
@@ -166,5 +166,5 @@ def write_openapi() -> None:
     import redis as redis_lib
 
     r = redis_lib.Redis()  # never contacted: building the schema does not touch Redis
-    app = create_app(TaskBus(r), JobRegistry(r), LocalStore(Path("/tmp/cropi-openapi")), "x", run_loop=False)
+    app = create_app(TaskBus(r), JobRegistry(r), LocalStore(Path("/tmp/cropi-openapi")), "openapi-token-x", run_loop=False)
     (Path(__file__).parent.parent / "docs" / "openapi.json").write_text(json.dumps(app.openapi(), indent=2) + "\n")

@@ -28,6 +28,7 @@ from cropi.runtime.redis_server import free_port
 from cropi.runtime.store import LocalStore
 from operators import curriculumjob as op
 from services.controller.api import create_app
+from services.controller.tenancy import DEFAULT_TENANT, Identity, Tenants
 
 TOKEN = "operator-test-token"
 SPEC = {"curriculum": {"stages": 2, "steps_per_stage": 3}, "rl": {"lr": 0.01}}
@@ -40,7 +41,10 @@ class Controller:
     def __init__(self, redis_server, store_dir):
         r = redis_server.client()
         self.jobs = JobRegistry(r)
-        app = create_app(TaskBus(r), self.jobs, LocalStore(store_dir), TOKEN, run_loop=False)
+        # The operator's token acts for the namespace it names (here `default`: the single-team
+        # case, whose job keys are the plain names; other namespaces: tests/security/test_tenancy.py).
+        tenants = Tenants({TOKEN: Identity(DEFAULT_TENANT, operator=True)})
+        app = create_app(TaskBus(r), self.jobs, LocalStore(store_dir), tenants, run_loop=False)
         self.url = f"http://127.0.0.1:{free_port()}"
         port = int(self.url.rsplit(":", 1)[1])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -72,7 +76,7 @@ def controller(redis_server, tmp_path):
 
 
 def meta(name: str = "cj-a", generation: int = 1) -> dict:
-    return {"name": name, "namespace": "research", "generation": generation}
+    return {"name": name, "namespace": "default", "generation": generation}
 
 
 def condition(status: dict, type_: str) -> dict:
@@ -119,7 +123,7 @@ def test_a_spec_name_that_differs_from_metadata_name_is_refused(controller):
     ({"curriculm": {"stages": 2}}, "curriculm: unknown field"),
 ])
 def test_an_invalid_spec_is_refused_naming_the_field_and_nothing_is_submitted(controller, spec, field):
-    with pytest.raises(kopf.PermanentError, match="CurriculumJob research/cj-a .spec") as err:
+    with pytest.raises(kopf.PermanentError, match="CurriculumJob default/cj-a .spec") as err:
         op.submit(spec, meta(), {}, controller.client(), now=T0)
     assert field in str(err.value)
     assert err.value.status["phase"] == op.INVALID
@@ -133,7 +137,7 @@ def test_a_name_taken_by_another_spec_is_a_conflict_and_the_other_job_is_untouch
     op.submit(SPEC, meta(), {}, controller.client())
     other = {"curriculum": {"stages": 1, "steps_per_stage": 3}}
     with pytest.raises(kopf.PermanentError, match="different spec") as err:
-        op.submit(other, {**meta(), "namespace": "elsewhere"}, {}, controller.client(), now=T0)
+        op.submit(other, meta(generation=2), {}, controller.client(), now=T0)  # e.g. re-created with another spec
     assert err.value.status["phase"] == op.CONFLICT
     assert condition(err.value.status, "Submitted")["reason"] == "NameConflict"
     assert controller.jobs.get("cj-a")["cancel"] == 0

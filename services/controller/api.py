@@ -7,8 +7,13 @@
     GET  /v1/jobs/{name}/events      events after ?after=<id>, optionally waiting ?wait_ms=
     GET  /healthz, GET /metrics      liveness (no auth), Prometheus metrics (no auth)
 
-Every /v1 route needs `Authorization: Bearer <token>`. The OpenAPI spec is
-at /openapi.json.
+Every /v1 route needs `Authorization: Bearer <token>`; the token names its
+tenant (tenancy.py), and a tenant sees, follows and cancels only its own
+jobs. The operator's token acts for the tenant named in `X-Cropi-Tenant` (its
+object's namespace). The OpenAPI spec is at /openapi.json; there are no
+/docs pages. /metrics needs no token, for Prometheus: it carries queue depths
+and each job's stage, step and evaluation summary under its tenant and name,
+and the chart's NetworkPolicy admits only `metrics.scrapeFrom` to it.
 
 Limits: the token is checked before any byte of a request body is read
 (401); a body is read in pieces and refused with 413 as soon as it passes
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import os
 import threading
@@ -33,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -69,6 +73,7 @@ from services.controller.guard import (
     long_poll_client,
 )
 from services.controller.stage_loop import StageLoop
+from services.controller.tenancy import TENANT_HEADER, Tenants, is_label, job_key, split_job_key
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +122,17 @@ def _shape(spec_yaml: str) -> tuple[int, int]:
 
 def _status(rec: dict[str, Any]) -> JobStatus:
     stages, total_steps = _shape(rec["spec"])
-    return JobStatus(**{k: rec[k] for k in ("name", "phase", "status", "stage", "step", "created", "updated",
+    return JobStatus(**{k: rec[k] for k in ("phase", "status", "stage", "step", "created", "updated",
                                              "error", "metrics")},
-                     stages=stages, total_steps=total_steps)
+                     name=split_job_key(rec["name"])[1], stages=stages, total_steps=total_steps)
 
 
-def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
+def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str | Tenants,
                run_loop: bool = True, tick_s: float = 0.2, retention_s: float | None = DEFAULT_RETENTION_S,
                long_poll_slots: int = LONG_POLL_SLOTS) -> FastAPI:
-    """The controller app; `retention_s`: how long an ended job's Redis state is kept (None: forever)."""
-    if not token:
-        raise InputError("the controller needs a bearer token: set CROPI_TOKEN or CROPI_TOKEN_FILE")
+    """The controller app. `token`: the default tenant's token, or every tenant's (Tenants);
+    `retention_s`: how long an ended job's Redis state is kept (None: forever)."""
+    tenants = token if isinstance(token, Tenants) else Tenants.single(token)
     if long_poll_slots < 1:
         raise InputError(f"{LONG_POLL_SLOTS_ENV}: must be at least 1")
     controller = Controller(bus, jobs, store, retention_s=retention_s)
@@ -149,16 +154,26 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
         wait_pool.shutdown(wait=False, cancel_futures=True)
         health_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="cropi controller", version="1", description=__doc__, lifespan=lifespan)
+    # No /docs or /redoc pages: they would be the only HTML the controller serves, to anyone;
+    # /openapi.json stays (it is docs/openapi.json, public anyway).
+    app = FastAPI(title="cropi controller", version="1", description=__doc__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     bearer = HTTPBearer(auto_error=False)
 
-    def authorized(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        # RequestGuard refused these before reading a body; this keeps each route safe on its own
-        # (and puts the scheme in the OpenAPI spec).
-        if cred is None or not hmac.compare_digest(cred.credentials.encode(), token.encode()):
+    def tenant(cred: HTTPAuthorizationCredentials | None = Depends(bearer),
+               named: str | None = Header(None, alias=TENANT_HEADER,
+                                          description="the operator's token only: the tenant it acts for")) -> str:
+        """The tenant a request acts for. RequestGuard refused unknown tokens before reading a body;
+        this keeps each route safe on its own (and puts the scheme in the OpenAPI spec)."""
+        who = tenants.identify(f"Bearer {cred.credentials}" if cred else None)
+        if who is None:
             raise HTTPException(401, UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+        try:
+            return tenants.tenant_of(who, named)
+        except InputError as err:
+            raise HTTPException(403, str(err)) from None
 
-    app.add_middleware(RequestGuard, token=token, limit=MAX_BODY_BYTES)
+    app.add_middleware(RequestGuard, identify=tenants.identify, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -166,16 +181,24 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
         errors = [{k: v for k, v in e.items() if k not in ("input", "url")} for e in exc.errors()]
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
-    def job_or_404(name: str) -> dict[str, Any]:
-        rec = jobs.get(name)
-        if rec is None:
-            raise HTTPException(404, f"no job named {name!r}")
-        return rec
+    def key_or_404(owner: str, name: str, registry: JobRegistry = jobs) -> str:
+        """The key of the tenant's job `name`; 404 if it has none of that name (another tenant's
+        job of that name is as absent as one that never was)."""
+        key = job_key(owner, name)
+        if not is_label(name) or registry.get(key) is None:
+            raise HTTPException(404, f"no job named {name!r}" if is_label(name) else "no job of that name")
+        return key
 
-    @app.post("/v1/jobs", status_code=201, response_model=JobStatus, dependencies=[Depends(authorized)])
-    def submit(body: SubmitRequest, response: Response) -> JobStatus:
+    @app.post("/v1/jobs", status_code=201, response_model=JobStatus, responses={
+        409: {"description": "a job of that name exists with another spec"},
+        422: {"description": "the spec, its data or its model is not valid"}})
+    def submit(body: SubmitRequest, response: Response, owner: str = Depends(tenant)) -> JobStatus:
         try:
             spec = parse_spec_yaml(body.spec, "request body 'spec'")
+            if not is_label(spec.name):
+                raise InputError("invalid job spec (request body 'spec'): name: must be a DNS label: lowercase "
+                                 "letters, digits and '-', 1-63 chars")
+            spec = spec.model_copy(update={"name": job_key(owner, spec.name)})
         except InputError as err:
             raise HTTPException(422, str(err)) from None
         try:
@@ -186,47 +209,45 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
             response.status_code = 200
         return _status(jobs.get(spec.name))
 
-    @app.get("/v1/jobs", response_model=list[JobStatus], dependencies=[Depends(authorized)])
-    def list_jobs() -> list[JobStatus]:
-        return [_status(rec) for rec in jobs.records()]
+    @app.get("/v1/jobs", response_model=list[JobStatus])
+    def list_jobs(owner: str = Depends(tenant)) -> list[JobStatus]:
+        return [_status(rec) for rec in jobs.records() if split_job_key(rec["name"])[0] == owner]
 
-    @app.get("/v1/jobs/{name}", response_model=JobStatus, dependencies=[Depends(authorized)])
-    def get_job(name: str) -> JobStatus:
-        return _status(job_or_404(name))
+    @app.get("/v1/jobs/{name}", response_model=JobStatus)
+    def get_job(name: str, owner: str = Depends(tenant)) -> JobStatus:
+        return _status(jobs.get(key_or_404(owner, name)))
 
-    @app.post("/v1/jobs/{name}/cancel", status_code=202, response_model=JobStatus, dependencies=[Depends(authorized)])
-    def cancel(name: str) -> JobStatus:
-        rec = job_or_404(name)
-        if rec["phase"] not in TERMINAL:
-            jobs.request_cancel(name)
-        return _status(jobs.get(name))
+    @app.post("/v1/jobs/{name}/cancel", status_code=202, response_model=JobStatus)
+    def cancel(name: str, owner: str = Depends(tenant)) -> JobStatus:
+        key = key_or_404(owner, name)
+        if jobs.get(key)["phase"] not in TERMINAL:
+            jobs.request_cancel(key)
+        return _status(jobs.get(key))
 
-    def events_now(name: str, after: str) -> list[dict[str, Any]]:
-        job_or_404(name)
-        return jobs.events(name, after=after)
+    def events_now(owner: str, name: str, after: str) -> list[dict[str, Any]]:
+        return jobs.events(key_or_404(owner, name), after=after)
 
-    def events_waited(name: str, after: str, wait_ms: int) -> list[dict[str, Any]]:
-        if waiters.get(name) is None:
-            raise HTTPException(404, f"no job named {name!r}")
-        return waiters.wait_events(name, after, wait_ms)
+    def events_waited(owner: str, name: str, after: str, wait_ms: int) -> list[dict[str, Any]]:
+        return waiters.wait_events(key_or_404(owner, name, waiters), after, wait_ms)
 
-    @app.get("/v1/jobs/{name}/events", dependencies=[Depends(authorized)], responses={
+    @app.get("/v1/jobs/{name}/events", responses={
         400: {"description": "`after` is not an event id Redis can take"},
         404: {"description": "no job of that name"},
         429: {"description": "every long-poll slot is taken: retry after Retry-After seconds"}})
     async def events(name: str, after: str = Query("0-0", pattern=r"^\d+-\d+$"),
-                     wait_ms: int = Query(0, ge=0, le=MAX_WAIT_MS)) -> list[dict[str, Any]]:
+                     wait_ms: int = Query(0, ge=0, le=MAX_WAIT_MS),
+                     owner: str = Depends(tenant)) -> list[dict[str, Any]]:
         try:
             after = parse_event_id(after, "query parameter 'after'")
         except InputError as err:
             raise HTTPException(400, str(err)) from None
         if not wait_ms:
-            return await run_in_threadpool(events_now, name, after)
+            return await run_in_threadpool(events_now, owner, name, after)
         if not wait_slots.acquire(blocking=False):
             raise HTTPException(429, f"all {long_poll_slots} long-polls are open; retry shortly",
                                 headers={"Retry-After": "1"})
         try:
-            future = wait_pool.submit(events_waited, name, after, wait_ms)
+            future = wait_pool.submit(events_waited, owner, name, after, wait_ms)
         except BaseException:
             wait_slots.release()
             raise
@@ -247,15 +268,15 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str,
         for kind in TaskKind:
             for state, n in bus.depth(kind).items():
                 depth.labels(kind, state).set(n)
-        stage = Gauge("cropi_job_stage", "current stage", ["job"], registry=registry)
-        step = Gauge("cropi_job_step", "completed training steps", ["job"], registry=registry)
-        acc = Gauge("cropi_job_metric", "latest evaluation summary", ["job", "metric"], registry=registry)
+        stage = Gauge("cropi_job_stage", "current stage", ["tenant", "job"], registry=registry)
+        step = Gauge("cropi_job_step", "completed training steps", ["tenant", "job"], registry=registry)
+        acc = Gauge("cropi_job_metric", "latest evaluation summary", ["tenant", "job", "metric"], registry=registry)
         for rec in jobs.records():
-            name = rec["name"]
-            stage.labels(name).set(rec["stage"])
-            step.labels(name).set(rec["step"])
+            owner, name = split_job_key(rec["name"])
+            stage.labels(owner, name).set(rec["stage"])
+            step.labels(owner, name).set(rec["step"])
             for key, value in rec["metrics"].items():
-                acc.labels(name, key).set(value)
+                acc.labels(owner, name, key).set(value)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.controller = controller
@@ -270,7 +291,7 @@ def serve(host: str, port: int, bus: TaskBus, jobs: JobRegistry, store: ObjectSt
     raw_slots = os.environ.get(LONG_POLL_SLOTS_ENV, "").strip()
     if raw_slots and not raw_slots.isdigit():
         raise InputError(f"{LONG_POLL_SLOTS_ENV}: not a whole number")
-    app = create_app(bus, jobs, store, token, retention_s=retention_from_env(),
+    app = create_app(bus, jobs, store, Tenants.from_env(token), retention_s=retention_from_env(),
                      long_poll_slots=int(raw_slots) if raw_slots else LONG_POLL_SLOTS)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

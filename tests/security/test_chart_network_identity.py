@@ -472,7 +472,7 @@ def test_the_schema_refuses_bad_network_and_identity_values(values, names):
 
 # ----------------------------------------------------------------------------- stable secrets
 GIVEN = {
-    "auth": {"token": "controller-token-0123456789"},
+    "auth": {"token": "controller-token-0123456789", "operatorToken": "operator-token-0123456789"},
     "redis": {"auth": {"password": "redis-password-0123456789"}},
     "objectStore": {"minio": {"rootUser": "root-admin", "rootPassword": "root-password-0123456789",
                               "users": {c: {"secretKey": f"{c}-secret-0123456789"} for c in STORE_COMPONENTS}}},
@@ -514,7 +514,7 @@ def test_generated_values_are_read_back_from_the_live_secret_with_lookup():
     data = [line.split(": ", 1)[1] for block in re.findall(r"^data:\n((?:  .*\n)+)", secrets, flags=re.M)
             for line in block.splitlines()]
     secret_values = [v for v in data if "cropi.minioUser" not in v]  # the access keys are user names
-    assert len(secret_values) == 6  # token, Redis, root user and password, user secret key, Ray token
+    assert len(secret_values) == 7  # token, operator token, Redis, root user and password, user secret key, Ray token
     assert all(v.startswith('{{ include "cropi.secretValue"') for v in secret_values), secret_values
     assert "randAlphaNum" not in secrets and "lookup \"" not in secrets  # nothing bypasses the helper
 
