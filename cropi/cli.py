@@ -41,10 +41,12 @@ def run(
     Running the same job into the same folder again continues where it
     stopped (a killed run resumes after its last completed step).
     """
+    from cropi.data.rewards import import_reward_functions
     from cropi.embedded import clear_progress, run_job
     from cropi.spec import load_spec
 
     spec = load_spec(job)
+    import_reward_functions(spec, str(job))  # the user's own code, on their machine: a typo fails now
     run_dir = out or Path("runs") / spec.name
     if restart:
         clear_progress(spec, run_dir)

@@ -35,7 +35,7 @@ from cropi.spec_limits import (MAX_ACTORS, MAX_BATCH, MAX_BATCH_TOKENS, MAX_EVAL
                                 MAX_NEW_TOKENS, MAX_PARAM_PATTERNS, MAX_POOL, MAX_PROJ_DIM, MAX_STAGES, MAX_STEPS,
                                 SEED_RANGE)
 from cropi.spec_yaml import SpecDumper, format_validation_error, load_yaml, read_spec_text
-from cropi.userfn import is_function_ref, load_function
+from cropi.userfn import check_function_ref, is_function_ref
 
 
 def _require(pattern: str, value: str, message: str) -> str:
@@ -66,7 +66,7 @@ def _check_verifier(value: str) -> str:
         return value
     if not is_function_ref(value):
         raise ValueError(f"must be one of {', '.join(BUILTIN_VERIFIERS)}, module:function or path/to/file.py:function")
-    load_function(value, REWARD_ARITY)  # imported now, so that a typo fails at submit, not mid-run
+    check_function_ref(value)  # found now (never run: parsing runs no user code), so a typo fails at submit
     return value
 
 

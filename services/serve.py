@@ -6,6 +6,10 @@
 A worker service is `cropi.runtime.worker.Worker` with the executors of
 `cropi.executors`: it runs the tasks of `executor: inline` jobs itself and
 hands those of `executor: ray` jobs to Ray.
+
+Every service reads job data under the data-source policy of
+`cropi/data/access.py`: local paths only under `CROPI_DATA_ROOTS`, s3://
+sources only from the object store's own bucket.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def serve(
     import socket
     import threading
 
+    from cropi.data.access import DataAccess, set_data_access
     from cropi.runtime.config import open_store, redis_client
     from cropi.runtime.jobs import JobRegistry
     from cropi.runtime.queue import TaskBus
@@ -55,6 +60,8 @@ def serve(
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service} %(levelname)s %(message)s")
     client = redis_client(redis_url)
     store = open_store(store_url)
+    # Data sources: local paths only under CROPI_DATA_ROOTS, s3:// only from this store's bucket.
+    set_data_access(DataAccess.for_service(store))
     bus = TaskBus(client, visibility_timeout_s=visibility_timeout, max_attempts=max_attempts)
     jobs = JobRegistry(client)
     if service == "controller":

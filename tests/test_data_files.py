@@ -39,13 +39,15 @@ def load(path: Path, prompt: str = "prompt", answer: str = "answer", id_field: s
 
 
 def test_jsonl_default_fields(tmp_path: Path) -> None:
-    prompts = load(write_jsonl(tmp_path / "train.jsonl", ROWS, blank_lines=True))
+    path = write_jsonl(tmp_path / "train.jsonl", ROWS, blank_lines=True)
+    prompts = load(path)
     assert prompts == [
         Prompt(id="000000", text="What is 2+2?", answer="4", verifier="math"),
         Prompt(id="000001", text="What is 3*3?", answer="9", verifier="math"),
     ]
     # The whole row stays with the prompt (a custom reward function gets it), with where it was read.
-    assert [p.meta for p in prompts] == [{"row": ROWS[0], "where": "line 1"}, {"row": ROWS[1], "where": "line 3"}]
+    assert [p.meta for p in prompts] == [{"row": ROWS[0], "where": "line 1", "file": str(path)},
+                                         {"row": ROWS[1], "where": "line 3", "file": str(path)}]
 
 
 def test_jsonl_custom_fields_and_id_field(tmp_path: Path) -> None:
@@ -164,7 +166,8 @@ def test_empty_file(tmp_path: Path) -> None:
 def test_duplicate_ids(tmp_path: Path) -> None:
     rows = [{"prompt": "a", "answer": "1", "id": 5}, {"prompt": "b", "answer": "2", "id": "5"}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(InputError, match=r"line 2: duplicate id '5' \(first seen at line 1\)"):
+    # The message names the field and both rows, never the id itself (ids may be secrets).
+    with pytest.raises(InputError, match=r"line 2: field 'id' repeats the id of line 1 \(ids must be unique\)"):
         load(path, id_field="id")
 
 

@@ -149,8 +149,8 @@ def test_rewards_dispatch_per_row_by_data_source(tmp_path, reward_file):
 
 
 def test_a_reward_function_that_raises_or_returns_no_number_names_itself_and_the_row(tmp_path, reward_file):
-    for name, message in (("broken", "raised ZeroDivisionError on prompt 000000 \\(row 0\\)"),
-                          ("wordy", "returned a str, not a number, on prompt 000000 \\(row 0\\)")):
+    for name, message in (("broken", "raised ZeroDivisionError on data file .*train.parquet, row 0$"),
+                          ("wordy", "returned a str, not a number, on data file .*train.parquet, row 0$")):
         src = source(source=str(verl_parquet(tmp_path)), answer_field="reward_model.ground_truth",
                      verifier=f"{reward_file}:{name}")
         first = load_source(src, "pool", 0)[0]

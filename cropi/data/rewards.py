@@ -20,9 +20,9 @@ from typing import Any
 
 from math_verify import parse, verify
 
-from cropi.data.types import Prompt
+from cropi.data.types import Prompt, row_label
 from cropi.errors import InputError
-from cropi.spec import REWARD_ARITY
+from cropi.spec import REWARD_ARITY, JobSpec
 from cropi.userfn import is_function_ref, load_function
 
 _INT = re.compile(r"-?\d+")
@@ -108,14 +108,14 @@ def reward(prompt: Prompt, response: str) -> float:
         return fn(response, prompt.answer)
     if not is_function_ref(prompt.verifier):
         raise InputError(
-            f"prompt {prompt.id}: unknown verifier {prompt.verifier!r} (known: {', '.join(VERIFIERS)}, "
+            f"{row_label(prompt)}: unknown verifier {prompt.verifier!r} (known: {', '.join(VERIFIERS)}, "
             "module:function, path/to/file.py:function)")
     return _user_reward(prompt, response)
 
 
 def _user_reward(prompt: Prompt, response: str) -> float:
     name = prompt.verifier
-    where = f"prompt {prompt.id}" + (f" ({prompt.meta['where']})" if "where" in prompt.meta else "")
+    where = row_label(prompt)  # never the row's id or values
     try:
         fn = load_function(name, REWARD_ARITY)
     except ValueError as err:
@@ -127,3 +127,20 @@ def _user_reward(prompt: Prompt, response: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise RewardError(f"reward function {name} returned a {type(value).__name__}, not a number, on {where}")
     return float(value)
+
+
+def import_reward_functions(spec: JobSpec, source: str = "spec") -> None:
+    """Import every user reward function the spec names now, as `cropi run` does before it starts
+    (parsing a spec runs no user code): an InputError naming the field of the first that fails."""
+    sources = [("data.pool", spec.data.pool), *((f"data.validation[{i}]", s) for i, s in
+                                                 enumerate(spec.data.validation)),
+               *((f"data.untargeted[{i}]", s) for i, s in enumerate(spec.data.untargeted))]
+    for field, src in sources:
+        named = [("verifier", src.verifier), *((f"verifier_by_source[{k!r}]", v)
+                                               for k, v in src.verifier_by_source.items())]
+        for key, ref in named:
+            if ref not in VERIFIERS and is_function_ref(ref):
+                try:
+                    load_function(ref, REWARD_ARITY)
+                except ValueError as err:
+                    raise InputError(f"invalid job spec ({source}):\n  {field}.{key}: {err}") from None

@@ -15,9 +15,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cropi.data import arith
+from cropi.data.access import DataAccess
 from cropi.data.files import load_file_source
 from cropi.data.templates import CHAT, chat_prompts, check_context, format_prompts
-from cropi.data.types import Prompt
+from cropi.data.types import Prompt, row_label
 from cropi.errors import InputError
 from cropi.seeding import stream_seed
 from cropi.spec import DataSource, JobSpec
@@ -26,8 +27,10 @@ BUILTIN_ARITH = "builtin:arith"
 POOL_LABEL_NOISE = 0.05  # default fraction of wrong references in a built-in pool
 
 
-def load_source(src: DataSource, role: str, seed: int, tokenizer: Any = None, field: str = "data") -> list[Prompt]:
-    """Prompts of one source; `role` ("pool" or a validation set name) seeds it; `field` is its spec path.
+def load_source(src: DataSource, role: str, seed: int, tokenizer: Any = None, field: str = "data",
+                access: DataAccess | None = None) -> list[Prompt]:
+    """Prompts of one source; `role` ("pool" or a validation set name) seeds it; `field` is its spec path;
+    `access`: which paths may be read (default: this process's policy, `access.py`).
 
     Different roles draw from different streams, so a validation set is not
     a copy of the pool's first prompts.
@@ -42,7 +45,7 @@ def load_source(src: DataSource, role: str, seed: int, tokenizer: Any = None, fi
     else:
         verifier = "math" if src.verifier == "auto" else src.verifier
         prompts = load_file_source(src.source, src.prompt_field, src.answer_field, src.id_field, verifier,
-                                   src.data_source_field)
+                                   src.data_source_field, f"{field}.source", access)
         if src.size is not None and src.size < len(prompts):
             keep = sorted(random.Random(stream_seed("subset", seed, role)).sample(range(len(prompts)), src.size))
             prompts = [prompts[i] for i in keep]
@@ -64,7 +67,7 @@ def _row_verifier(src: DataSource, prompt: Prompt, verifier: str, field: str) ->
     chosen = by.get(source) if source is not None else None
     chosen = chosen or by.get("default")
     if chosen is None:
-        where = prompt.meta.get("where", f"prompt {prompt.id}")
+        where = prompt.meta["where"] if "where" in prompt.meta else row_label(prompt)
         raise InputError(f"{field}.verifier_by_source: {where} has a data_source that is not a key and there is "
                          "no 'default' key")
     return "math" if chosen == "auto" else chosen
@@ -82,10 +85,10 @@ class JobData:
         return {**self.validation, **self.untargeted}
 
 
-def load_job_data(spec: JobSpec, tokenizer: Any = None) -> JobData:
+def load_job_data(spec: JobSpec, tokenizer: Any = None, access: DataAccess | None = None) -> JobData:
     """Every set of the job's prompts. The model's tokenizer (loaded from `model.path` unless given)
     renders chat templates and checks that prompts fit the model's context; with the built-in model
-    and no chat template it is not needed."""
+    and no chat template it is not needed. `access`: which paths may be read (default: this process's)."""
     sources = [spec.data.pool, *spec.data.validation, *spec.data.untargeted]
     chat = any(s.template == CHAT for s in sources)
     max_positions = None
@@ -100,15 +103,16 @@ def load_job_data(spec: JobSpec, tokenizer: Any = None) -> JobData:
             # Only the context check needed it: a controller without the model's files skips it,
             # and the workers, which load the model, run it.
             tokenizer = None
-    validation = {v.name: load_source(v, f"valid-{v.name}", spec.seed, tokenizer, f"data.validation[{i}]")
+    validation = {v.name: load_source(v, f"valid-{v.name}", spec.seed, tokenizer, f"data.validation[{i}]", access)
                   for i, v in enumerate(spec.data.validation)}
-    untargeted = {u.name: load_source(u, f"untargeted-{u.name}", spec.seed, tokenizer, f"data.untargeted[{i}]")
+    untargeted = {u.name: load_source(u, f"untargeted-{u.name}", spec.seed, tokenizer, f"data.untargeted[{i}]",
+                                     access)
                   for i, u in enumerate(spec.data.untargeted)}
     names = [v.name for v in spec.data.validation] + [u.name for u in spec.data.untargeted]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise InputError(f"data: evaluation set names must be unique, repeated: {', '.join(sorted(dupes))}")
-    pool = load_source(spec.data.pool, "pool", spec.seed, tokenizer, "data.pool")
+    pool = load_source(spec.data.pool, "pool", spec.seed, tokenizer, "data.pool", access)
     if max_positions is not None:
         for name, prompts in [("pool", pool), *validation.items(), *untargeted.items()]:
             check_context(prompts, tokenizer, max_positions, spec.rollout.max_new_tokens, name)

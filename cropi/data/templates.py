@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from cropi.data.types import Prompt
+from cropi.data.types import Prompt, row_label
 from cropi.errors import InputError
 
 CHAT = "chat"
@@ -60,6 +60,6 @@ def check_context(prompts: Sequence[Prompt], tokenizer: Any, max_positions: int,
     for p in prompts:
         n = len(tokenizer(p.text)["input_ids"])
         if n > budget:
-            where = p.meta.get("where", f"prompt {p.id}")
+            where = p.meta["where"] if "where" in p.meta else row_label(p)
             raise InputError(f"data set {set_name}, {where}: the prompt is {n} tokens; with rollout.max_new_tokens "
                              f"{max_new_tokens} it exceeds the model's context of {max_positions} tokens")

@@ -18,3 +18,12 @@ class Prompt:
     answer: str
     verifier: str = "int"
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+def row_label(prompt: Prompt) -> str:
+    """Where `prompt` came from, for a message: its file and row, or (built-in prompts) its generated
+    id; never a row's value (an `id_field` may hold anything, secrets included)."""
+    if "where" in prompt.meta:
+        return f"data file {prompt.meta['file']}, {prompt.meta['where']}" if "file" in prompt.meta \
+            else prompt.meta["where"]
+    return f"prompt {prompt.id}"

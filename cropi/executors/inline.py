@@ -30,6 +30,7 @@ from cropi.curriculum import layout
 from cropi.curriculum.influence import InfluenceEngine
 from cropi.curriculum.sampling import Draw, Log, evaluate_policy, sample_step, sample_texts
 from cropi.curriculum.stage import TrainerJournal, run_train_task
+from cropi.data.access import data_access
 from cropi.data.sources import JobData, load_job_data
 from cropi.devices import resolve_device, resolve_dtype
 from cropi.models.loading import load_policy
@@ -118,7 +119,8 @@ class JobCache:
 
     def data(self, job: str) -> JobData:
         if job not in self._data:
-            self._data[job] = load_job_data(self.spec(job))
+            # This process's data policy; a service's Ray actor reads s3:// sources through this store.
+            self._data[job] = load_job_data(self.spec(job), access=data_access().with_store(self.store))
         return self._data[job]
 
     def stage_policy(self, job: str, stage: int) -> Policy:

@@ -11,6 +11,7 @@ answers with (no such key, access denied) are not retried.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -121,3 +122,26 @@ class S3Store:
         strip = len(self.prefix) + 1 if self.prefix else 0
         return self._retry(lambda: sorted(
             o.object_name[strip:] for o in self.client.list_objects(self.bucket, prefix=full, recursive=True)))
+
+    # Objects of the bucket itself (not under the prefix, no checksum: written by other tools): what an
+    # `s3://bucket/key` data source reads (cropi/data/access.py).
+    def read_bucket_object(self, name: str) -> bytes:
+        def fetch() -> bytes:
+            try:
+                response = self.client.get_object(self.bucket, name)
+            except S3Error as err:
+                if err.code in ("NoSuchKey", "NoSuchObject", "InvalidObjectName"):
+                    raise FileNotFoundError(f"s3://{self.bucket}/{name} not found") from err
+                raise
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._retry(fetch)
+
+    def list_bucket(self, prefix: str, limit: int | None = None) -> list[str]:
+        """The names under `prefix` (at most `limit` of them)."""
+        return self._retry(lambda: sorted(o.object_name for o in itertools.islice(
+            self.client.list_objects(self.bucket, prefix=prefix, recursive=True), limit)))

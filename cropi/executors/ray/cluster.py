@@ -31,8 +31,9 @@ def actor_env(threads: int = 1) -> dict[str, str]:
 
 
 # What actors on other nodes need from the driver's environment (they do not inherit it): the
-# built-in model's cache, the HF cache settings and the object store's credentials.
-_FORWARDED_VARS = ("CROPI_CACHE", "HF_HOME", "HF_HUB_OFFLINE")
+# built-in model's cache, the HF cache settings, the object store's credentials and a service's data
+# policy (cropi/data/access.py: a service's actors read only under its data roots).
+_FORWARDED_VARS = ("CROPI_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "CROPI_DATA_POLICY", "CROPI_DATA_ROOTS")
 _FORWARDED_PREFIXES = ("CROPI_S3_", "AWS_")
 
 
