@@ -184,6 +184,14 @@ def submit(
     spec = load_spec(job)
     client = _client(controller)
     st = client.submit(spec.to_yaml())
+    if st["phase"] in (Phase.FAILED, Phase.CANCELLED):
+        # The same spec was submitted before and that job has ended without finishing: saying
+        # "submitted" and exiting 0 would hide that nothing runs.
+        err_console.print(Text.assemble(("error: ", "bold red"), f"job {st['name']} was submitted before and is "
+                                        f"{st['phase']}{': ' + st['error'] if st.get('error') else ''}. "
+                                        f"`cropi resume {st['name']}` continues a failed job; a new name starts over"),
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     console.print(f"submitted {st['name']} ({st['phase']})")
     if wait:
         _follow(client, st["name"])
@@ -229,6 +237,13 @@ def cancel(job: str = typer.Argument(...), controller: str | None = CONTROLLER_O
 
 
 @app.command()
+def resume(job: str = typer.Argument(...), controller: str | None = CONTROLLER_OPTION) -> None:
+    """Continue a failed job from the start of the stage it failed in (what is stored is not redone)."""
+    st = _client(controller).resume(job)
+    console.print(f"{job}: continuing ({st['phase']}, stage {st['stage'] + 1}/{st['stages']})")
+
+
+@app.command()
 def logs(
     job: str = typer.Argument(...),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new events until the job ends"),
@@ -269,7 +284,10 @@ def main() -> None:
 def run_app(typer_app: typer.Typer) -> None:
     """Run a command line with cropi's exit codes and one-line error messages."""
     try:
-        typer_app(standalone_mode=False)
+        # Without standalone mode, click answers `raise typer.Exit(n)` by returning n.
+        code = typer_app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ControllerError as err:
         err_console.print(Text.assemble(("error: ", "bold red"), str(err)), highlight=False, soft_wrap=True)
         sys.exit(1)

@@ -79,6 +79,9 @@ class ControllerClient:
     def cancel(self, job: str) -> dict[str, Any]:
         return self._call("POST", job_path(job, "cancel"))
 
+    def resume(self, job: str) -> dict[str, Any]:
+        return self._call("POST", job_path(job, "resume"))
+
     def events(self, job: str, after: str = "0-0", wait_ms: int = 0) -> list[dict[str, Any]]:
         return self._call("GET", job_path(job, "events"), params={"after": after, "wait_ms": wait_ms},
                           timeout=wait_ms / 1000 + 30)

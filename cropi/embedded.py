@@ -36,7 +36,6 @@ from rich.progress import Progress as Progress_
 from cropi.curriculum import layout
 from cropi.curriculum.controller import Controller
 from cropi.curriculum.controller import _job_data as job_data  # cached: the controller's view reuses it
-from cropi.curriculum.selection import needs_projection
 from cropi.curriculum.stage import load_trainer_state
 from cropi.curriculum.state import Progress
 from cropi.devices import resolve_device
@@ -260,7 +259,9 @@ class EmbeddedRun(RunObserver):
             )
             rec = jobs.get(spec.name)
             if not fresh and rec["phase"] == Phase.FAILED:
-                self._reopen(jobs, rec)
+                console.print(f"[bold]continuing[/] the failed job from the start of stage {rec['stage']} "
+                              f"(it failed: {rec.get('error') or '?'})")
+                controller.reopen(spec.name)
                 rec = jobs.get(spec.name)
             if not fresh and rec["phase"] not in TERMINAL:
                 console.print(f"[bold]resuming[/] at step {rec['step']} ({rec['phase']}, stage {rec['stage']})")
@@ -289,22 +290,6 @@ class EmbeddedRun(RunObserver):
             return self._finish(store, time.perf_counter() - start)
         finally:
             server.stop()
-
-    def _reopen(self, jobs: JobRegistry, rec: dict) -> None:
-        """Continue a failed job from the start of the stage it failed in.
-
-        What came before is in the store (offline parts, gradients, selections, the trainer's
-        state) and every phase is idempotent (tasks under their ids, selections stored once), so
-        nothing done is redone: the phases up to where it failed pass through, and what failed
-        is tried again.
-        """
-        job, stage = self.spec.name, rec["stage"]
-        phase = (Phase.QUEUED if stage == 0 else
-                 Phase.PROJECT if needs_projection(self.spec, stage) else Phase.SELECT)
-        self.console.print(f"[bold]continuing[/] the failed job from the start of stage {stage} "
-                           f"(it failed: {rec.get('error') or '?'})")
-        jobs.event(job, "continued", f"continuing after a failure, from the start of stage {stage}", stage=stage)
-        jobs.update(job, phase=phase, status="running", error="", error_kind="")
 
     def _drive(self, controller: Controller, worker: Worker, jobs: JobRegistry) -> None:
         job = self.spec.name

@@ -32,8 +32,10 @@ from cropi.curriculum.selection import needs_offline, needs_projection, select_s
 from cropi.curriculum.selectors import selection_size
 from cropi.data.sources import JobData, load_job_data
 from cropi.errors import InputError
+from cropi.models.loading import check_model_path
 from cropi.runtime.jobs import TERMINAL, JobConflict, JobRegistry, Phase
-from cropi.runtime.queue import TaskBus
+from cropi.runtime.lease import LeaseLost
+from cropi.runtime.queue import INPUT_ERROR_MARK, TaskBus
 from cropi.runtime.store import ObjectStore
 from cropi.runtime.tasks import AnyTask, OfflineTask, ProjectTask, TrainTask, to_payload
 from cropi.spec import JobSpec, parse_spec_yaml
@@ -79,6 +81,29 @@ class Controller:
             self._forget(spec.name)
         return created
 
+    def reopen(self, job: str) -> int:
+        """Continue a failed job from the start of the stage it failed in; returns that stage.
+
+        What came before is in the store (offline parts, gradients, selections, the trainer's
+        state) and every phase is idempotent (tasks under their ids, selections stored once), so
+        nothing done is redone: the phases up to where it failed pass through, and the tasks that
+        failed for good are submitted again.
+        """
+        rec = self.jobs.get(job)
+        if rec is None or rec["phase"] != Phase.FAILED:
+            raise JobConflict(f"job {job!r} is {rec['phase'] if rec else 'unknown'}; only a failed job continues")
+        key = layout.spec_key(job)
+        spec = parse_spec_yaml(self.store.get(key).decode(), key)
+        stage = rec["stage"]
+        phase = (Phase.QUEUED if stage == 0 else
+                 Phase.PROJECT if needs_projection(spec, stage) else Phase.SELECT)
+        retried = self.bus.retry_failed(job)
+        self._forget(job)
+        self.jobs.event(job, "continued", f"continuing after a failure, from the start of stage {stage}",
+                        stage=stage, retried_tasks=retried)
+        self.jobs.update(job, phase=phase, status="running", error="", error_kind="")
+        return stage
+
     def _forget(self, job: str) -> None:
         """Free what this controller holds for `job` (its view: spec, data, offline trajectories)."""
         self._views.pop(job, None)
@@ -108,6 +133,8 @@ class Controller:
             try:
                 while self.advance(job):
                     moved = True
+            except LeaseLost:  # another controller acts now: not this job's failure, stop acting
+                raise
             except InputError as err:  # the job's own settings or data: said as they are, no traceback
                 log.warning("job %s failed: %s", job, err)
                 self._end(job, Phase.FAILED, "failed", str(err), error=str(err), error_kind="input")
@@ -255,10 +282,22 @@ class Controller:
         failures, results = self.bus.outcomes(task_ids)  # one round trip, however many parts
         for task_id in task_ids:
             if task_id in failures:
-                raise RuntimeError(f"task {task_id} failed for good: {failures[task_id]}")
+                error = failures[task_id]
+                if error.startswith(INPUT_ERROR_MARK):  # the job's input: the user's to fix, said as it is
+                    raise InputError(f"task {task_id}: {error[len(INPUT_ERROR_MARK):]}")
+                raise RuntimeError(f"task {task_id} failed for good: {error}")
         if len(results) < len(task_ids):
             return None
         return results
+
+
+def check_job(spec: JobSpec) -> None:
+    """What a submitted job must pass before it is accepted, the checks `cropi run` makes before it
+    starts: its model can load (a known built-in and its options, a HF folder, or a hub id) and its
+    data loads under this process's data policy, templates and verifiers included. Nothing is
+    built or trained; the data loaded is cached for the job's first tick."""
+    check_model_path(spec.model.path)
+    _job_data(spec)
 
 
 @lru_cache(maxsize=8)

@@ -19,18 +19,32 @@ from transformers.utils import logging as hf_logging
 
 from cropi.devices import local_dtype
 from cropi.errors import InputError
-from cropi.models.tiny import ensure_tiny_model
+from cropi.models.tiny import TinyRecipe, ensure_tiny_model
 
 BUILTIN_TINY = "builtin:tiny-arith"
+
+
+def check_model_path(path: str) -> None:
+    """Refuse a `model.path` that can never load, without loading or building anything: an unknown
+    built-in model or option, a missing folder, a folder that is not a HF model. A hub id passes
+    (whether the hub has it is the workers' to find)."""
+    if path.startswith("builtin:"):
+        name, _, query = path.partition("?")
+        if name != BUILTIN_TINY:
+            raise InputError(f"model.path: unknown built-in model {name!r}; known: {BUILTIN_TINY}")
+        try:
+            TinyRecipe.from_query(query)
+        except InputError as err:
+            raise InputError(f"model.path: {err}") from None
+        return
+    resolve_model_path(path)
 
 
 def resolve_model_path(path: str, progress: Callable[[int, int, float], None] | None = None) -> str:
     """A loadable folder or hub id; builds the built-in model on first use."""
     if path.startswith("builtin:"):
-        name, _, query = path.partition("?")
-        if name != BUILTIN_TINY:
-            raise InputError(f"model.path: unknown built-in model {name!r}; known: {BUILTIN_TINY}")
-        return str(ensure_tiny_model(query, progress))
+        check_model_path(path)
+        return str(ensure_tiny_model(path.partition("?")[2], progress))
     local = Path(path).expanduser()
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
     if local.exists():

@@ -13,10 +13,16 @@ retention period (the controller's, `CROPI_JOB_RETENTION_S`, 7 days by
 default) its hash, events and step counts expire that long after it ended.
 A write for a job whose record is gone (expired, or never created) is
 dropped rather than re-creating a partial record without expiry.
+
+Fenced writes (`JobRegistry.fenced(token)`, the stage machine's while it holds
+the controller lease, cropi/runtime/lease.py): a job's record, events and the
+active set are written only if the token is still the current value of
+<p>:controller:fence, checked in the same Lua script; otherwise `LeaseLost`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -26,6 +32,7 @@ from typing import Any
 import redis
 
 from cropi.errors import InputError
+from cropi.runtime.lease import LeaseLost, fence_key
 
 
 class Phase(StrEnum):
@@ -46,32 +53,37 @@ MAX_EVENTS = 10_000
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 RETENTION_ENV = "CROPI_JOB_RETENTION_S"
 
-# KEYS: job hash, active set, events, steps. ARGV: job name, phase change (0: none, 1: to a terminal
-# phase, 2: to a running one), ttl s (0: none), field, value, ...
-_HSET_EXISTING = """
+# A fenced write (ARGV[1] a token, '' for none) whose token is not the fence's current value: -1.
+_FENCE = "if ARGV[1] ~= '' and redis.call('GET', KEYS[#KEYS]) ~= ARGV[1] then return -1 end\n"
+# KEYS: job hash, active set, events, steps, fence. ARGV: fence token, job name, phase change (0: none,
+# 1: to a terminal phase, 2: to a running one), ttl s (0: none), field, value, ...
+_HSET_EXISTING = _FENCE + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if ARGV[2] == '1' then
-  redis.call('SREM', KEYS[2], ARGV[1])
-  local ttl = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+if ARGV[3] == '1' then
+  redis.call('SREM', KEYS[2], ARGV[2])
+  local ttl = tonumber(ARGV[4])
   if ttl > 0 then
     redis.call('EXPIRE', KEYS[1], ttl)
     redis.call('EXPIRE', KEYS[3], ttl)
     redis.call('EXPIRE', KEYS[4], ttl)
   end
-elseif ARGV[2] == '2' then
-  redis.call('SADD', KEYS[2], ARGV[1])
+elseif ARGV[3] == '2' then
+  redis.call('SADD', KEYS[2], ARGV[2])
   redis.call('PERSIST', KEYS[1])
   redis.call('PERSIST', KEYS[3])
   redis.call('PERSIST', KEYS[4])
 end
 return 1
 """
-# KEYS: job hash, events. ARGV: maxlen, field, value, ...  The stream inherits the TTL XADD keeps.
-_XADD_EXISTING = """
+# KEYS: job hash, events, fence. ARGV: fence token, maxlen, field, value, ...  The stream inherits the
+# TTL XADD keeps.
+_XADD_EXISTING = _FENCE + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 2))
+return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
 """
+# KEYS: active set, fence. ARGV: fence token, job name.
+_SREM_ACTIVE = _FENCE + "return redis.call('SREM', KEYS[1], ARGV[2])"
 # KEYS: job hash, steps. ARGV: step. A steps hash created after the job ended gets the job's remaining TTL.
 _COUNT_STEP = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -118,9 +130,25 @@ class JobRegistry:
         # Seconds a job's hash, events and step counts live on after it ended; None: forever (`cropi run`).
         self.retention_s = retention_s
         self._active_built = False
+        self.fence = ""  # the token this registry's stage-machine writes carry ('': unfenced); see fenced()
         self._hset_existing = client.register_script(_HSET_EXISTING)
         self._xadd_existing = client.register_script(_XADD_EXISTING)
+        self._srem_active = client.register_script(_SREM_ACTIVE)
         self._count_step = client.register_script(_COUNT_STEP)
+
+    def fenced(self, token: int) -> JobRegistry:
+        """A view of this registry (same client) whose writes to a job's record and events and to the
+        active set are refused with LeaseLost once `token` is no longer the controller lease's fence.
+        Submissions (`create`) and cancel requests are never fenced: any replica takes them."""
+        view = copy.copy(self)
+        view.fence = str(int(token))
+        return view
+
+    def _refused(self, reply: Any, job: str) -> bool:
+        if reply == -1:
+            raise LeaseLost(f"job {job}: write refused, fencing token {self.fence} is stale "
+                            "(another controller took the lease)")
+        return False
 
     def _key(self, job: str) -> str:
         return f"{self.prefix}:job:{job}"
@@ -159,7 +187,7 @@ class JobRegistry:
                     break
                 except redis.WatchError:
                     continue
-        self.event(job, "submitted", f"job {job} submitted")
+        self._append(job, "submitted", f"job {job} submitted", {}, fenced=False)
         return True
 
     def get(self, job: str) -> dict[str, Any] | None:
@@ -218,7 +246,7 @@ class JobRegistry:
 
     def forget_active(self, job: str) -> None:
         """Drop `job` from the active set (its record ended or is gone)."""
-        self.r.srem(self._active, job)
+        self._refused(self._srem_active(keys=[self._active, fence_key(self.prefix)], args=[self.fence, job]), job)
 
     def reset_active(self) -> None:
         """Redis was away (maybe restored from an older file): check the active set is there on next use."""
@@ -250,19 +278,20 @@ class JobRegistry:
         change = 0 if "phase" not in fields else 1 if fields["phase"] in TERMINAL else 2
         self._hset(job, values, change)
 
-    def _hset(self, job: str, values: dict[str, Any], change: int = 0) -> bool:
+    def _hset(self, job: str, values: dict[str, Any], change: int = 0, fenced: bool = True) -> bool:
         ttl = 0
         if change == 1 and self.retention_s:
             ttl = max(1, int(self.retention_s))
-        args: list[Any] = [job, change, ttl]
+        args: list[Any] = [self.fence if fenced else "", job, change, ttl]
         for k, v in values.items():
             args += [k, v]
-        keys = [self._key(job), self._active, self._events(job), self._steps(job)]
-        return bool(self._hset_existing(keys=keys, args=args))
+        keys = [self._key(job), self._active, self._events(job), self._steps(job), fence_key(self.prefix)]
+        reply = self._hset_existing(keys=keys, args=args)
+        return not self._refused(reply, job) and bool(reply)
 
     def request_cancel(self, job: str) -> None:
-        if self._hset(job, {"cancel": 1}):
-            self.event(job, "cancel_requested", "cancel requested")
+        if self._hset(job, {"cancel": 1}, fenced=False):
+            self._append(job, "cancel_requested", "cancel requested", {}, fenced=False)
 
     def cancel_requested(self, job: str) -> bool:
         return (self.r.hget(self._key(job), "cancel") or b"0") == b"1"
@@ -274,11 +303,15 @@ class JobRegistry:
 
     def event(self, job: str, kind: str, message: str, **data: Any) -> None:
         """Append an event to the job's stream (dropped if the job's record is gone)."""
+        self._append(job, kind, message, data)
+
+    def _append(self, job: str, kind: str, message: str, data: dict[str, Any], fenced: bool = True) -> None:
         fields = {"kind": kind, "message": message, "data": json.dumps(data), "time": time.time()}
-        args: list[Any] = [MAX_EVENTS]
+        args: list[Any] = [self.fence if fenced else "", MAX_EVENTS]
         for k, v in fields.items():
             args += [k, v]
-        self._xadd_existing(keys=[self._key(job), self._events(job)], args=args)
+        self._refused(self._xadd_existing(keys=[self._key(job), self._events(job), fence_key(self.prefix)],
+                                          args=args), job)
 
     def events(self, job: str, after: str = "0-0", block_ms: int | None = None,
                count: int = 500) -> list[dict[str, Any]]:

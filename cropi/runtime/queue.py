@@ -39,6 +39,9 @@ import redis
 
 GROUP = "workers"
 MAX_DEAD = 10_000
+# The error of a task that failed for its job's input (settings, data, model): it was not retried,
+# and its job fails as the user's to fix (exit code 2 in `cropi`), not as a crash.
+INPUT_ERROR_MARK = "input error: "
 
 
 @dataclass
@@ -189,9 +192,10 @@ class TaskBus:
         self._inherit_ttl(task.payload, [self._result(task.task_id)])
         return bool(kept)
 
-    def fail(self, task: Task, error: str) -> None:
-        """A handler error: retry right away (as a fresh entry) or, out of attempts, dead-letter it."""
-        if task.attempt >= self.max_attempts:
+    def fail(self, task: Task, error: str, final: bool = False) -> None:
+        """A handler error: retry right away (as a fresh entry) or, out of attempts or `final` (no
+        attempt can succeed), dead-letter it."""
+        if final or task.attempt >= self.max_attempts:
             self._dead_letter(task.kind, task.entry_id, task.task_id, task.payload, error)
             return
         self._requeue(task).execute()
@@ -255,6 +259,24 @@ class TaskBus:
                 for key in keys:
                     pipe.expire(key, ttl)
                 pipe.execute()
+
+    def retry_failed(self, job: str) -> int:
+        """Forget the dead-lettered tasks of `job` (their errors and submit markers), so that the
+        controller's next submit of each enqueues it again; and keep the job's tasks' state for good
+        (the job is running again: no retention expiry). Returns how many tasks will run again."""
+        tasks_key = self._job_tasks(job)
+        task_ids = [_s(t) for t in self.r.smembers(tasks_key)]
+        failed = [t for t, raw in zip(task_ids, self.r.mget([self._failed(t) for t in task_ids]) if task_ids else [])
+                  if raw is not None]
+        with self.r.pipeline(transaction=True) as pipe:
+            for task_id in failed:
+                pipe.delete(self._failed(task_id), self._submitted(task_id))
+            pipe.persist(tasks_key)
+            for task_id in task_ids:
+                for key in (self._submitted(task_id), self._result(task_id)):
+                    pipe.persist(key)
+            pipe.execute()
+        return len(failed)
 
     def failure(self, task_id: str) -> str | None:
         """The error of a dead-lettered task, or None."""

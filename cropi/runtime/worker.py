@@ -16,9 +16,10 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from cropi.errors import InputError
 from cropi.runtime.jobs import JobRegistry
 from cropi.runtime.metrics import WorkerMetrics
-from cropi.runtime.queue import Task, TaskBus
+from cropi.runtime.queue import INPUT_ERROR_MARK, Task, TaskBus
 from cropi.runtime.tasks import (
     Cancelled,
     Deferred,
@@ -152,6 +153,13 @@ class Worker:
                 self._deferred[job] = str(why)
                 self.jobs.event(job, "task_deferred", f"{task.task_id}: {why}")
             time.sleep(DEFER_PAUSE_S)
+        except InputError as err:
+            if self.fail_fast:
+                raise
+            # The job's own settings, data or model: no attempt can succeed, so none is retried.
+            log.warning("task %s failed, not retried: %s", task.task_id, err)
+            self.jobs.event(job, "task_failed", f"{task.task_id}: {err} (not retried: the job's input must change)")
+            self.bus.fail(task, f"{INPUT_ERROR_MARK}{err}", final=True)
         except Exception as err:
             if self.fail_fast:
                 raise

@@ -1,9 +1,11 @@
 """The controller service: HTTP API (FastAPI) + the stage machine loop.
 
-    POST /v1/jobs                    submit {"spec": "<YAML>"} -> 201 (200 if the same spec was submitted before)
+    POST /v1/jobs                    submit {"spec": "<YAML>"} -> 201 (200 if the same spec was submitted before);
+                                     a new job is checked as `cropi run` checks it (model, data, templates): 422
     GET  /v1/jobs                    list
     GET  /v1/jobs/{name}             status
     POST /v1/jobs/{name}/cancel      cancel
+    POST /v1/jobs/{name}/resume      continue a failed job from the start of the stage it failed in
     GET  /v1/jobs/{name}/events      events after ?after=<id>, optionally waiting ?wait_ms=
     GET  /healthz, GET /metrics      liveness (no auth), Prometheus metrics (no auth)
 
@@ -51,7 +53,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
-from cropi.curriculum.controller import Controller
+from cropi.curriculum.controller import Controller, check_job
 from cropi.errors import InputError
 from cropi.runtime.jobs import (
     DEFAULT_RETENTION_S,
@@ -143,7 +145,7 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
     wait_slots = threading.BoundedSemaphore(long_poll_slots)
     health_pool = ThreadPoolExecutor(1, thread_name_prefix="healthz")
 
-    stage_loop = StageLoop(controller, tick_s=tick_s)
+    stage_loop = StageLoop.leased(controller, tick_s=tick_s)  # only the lease holder of the replicas ticks
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -199,6 +201,8 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
                 raise InputError("invalid job spec (request body 'spec'): name: must be a DNS label: lowercase "
                                  "letters, digits and '-', 1-63 chars")
             spec = spec.model_copy(update={"name": job_key(owner, spec.name)})
+            if jobs.get(spec.name) is None:  # new: what `cropi run` checks before it starts, checked now
+                check_job(spec)
         except InputError as err:
             raise HTTPException(422, str(err)) from None
         try:
@@ -222,6 +226,17 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
         key = key_or_404(owner, name)
         if jobs.get(key)["phase"] not in TERMINAL:
             jobs.request_cancel(key)
+        return _status(jobs.get(key))
+
+    @app.post("/v1/jobs/{name}/resume", status_code=202, response_model=JobStatus, responses={
+        409: {"description": "the job has not failed (only a failed job continues)"}})
+    def resume(name: str, owner: str = Depends(tenant)) -> JobStatus:
+        """Continue a failed job from the start of the stage it failed in (nothing stored is redone)."""
+        key = key_or_404(owner, name)
+        try:
+            controller.reopen(key)
+        except JobConflict:
+            raise HTTPException(409, f"job {name!r} is {jobs.get(key)['phase']}; only a failed job continues") from None
         return _status(jobs.get(key))
 
     def events_now(owner: str, name: str, after: str) -> list[dict[str, Any]]:

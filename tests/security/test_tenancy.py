@@ -11,11 +11,8 @@ objects are the (spec, meta, status) dicts its handlers receive from kopf.
 from __future__ import annotations
 
 import os
-import threading
-import time
 
 import pytest
-import uvicorn
 import yaml
 from fastapi.testclient import TestClient
 
@@ -23,7 +20,6 @@ from cropi.client import ControllerClient
 from cropi.errors import InputError
 from cropi.runtime.jobs import JobRegistry
 from cropi.runtime.queue import TaskBus
-from cropi.runtime.redis_server import free_port
 from cropi.runtime.store import LocalStore
 from operators import curriculumjob as op
 from services.controller.api import create_app
@@ -38,6 +34,7 @@ from services.controller.tenancy import (
     split_job_key,
 )
 
+from ..controller_http import serve_app
 from ..helm_render import render_chart
 from ..jobs import tiny_job
 
@@ -125,17 +122,8 @@ def test_the_docs_pages_are_not_served_and_metrics_name_the_tenant(api):
 def controller_url(redis_server, tmp_path):
     r = redis_server.client()
     app = create_app(TaskBus(r), JobRegistry(r), LocalStore(tmp_path / "store"), TENANTS, run_loop=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "controller did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", JobRegistry(r)
-    server.should_exit = True
-    thread.join(10)
+    with serve_app(app) as url:
+        yield url, JobRegistry(r)
 
 
 def test_a_curriculumjob_never_adopts_or_cancels_another_namespaces_job(controller_url):
