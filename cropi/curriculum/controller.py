@@ -43,6 +43,31 @@ from cropi.spec import JobSpec, parse_spec_yaml
 log = logging.getLogger(__name__)
 
 
+class PartPending(Exception):
+    """A stored part was unreadable (or missing) and its task was submitted again: the job waits for it."""
+
+
+class BusRecompute:
+    """The controller's `recompute` source (it has no model): a part found unreadable is recomputed
+    by submitting its task again to the workers, whose handlers replace it; meanwhile the job waits
+    (PartPending), and reads the part again on a later tick."""
+
+    def __init__(self, bus: TaskBus, jobs: JobRegistry, job: str):
+        self.bus, self.jobs, self.job = bus, jobs, job
+
+    def _again(self, task: AnyTask) -> None:
+        if self.bus.resubmit(task.kind, task.task_id, to_payload(task)):
+            self.jobs.event(self.job, "warning", f"a stored part of task {task.task_id} is unreadable or missing; "
+                            "its task runs again", task=task.task_id)
+        raise PartPending(task.task_id)
+
+    def offline_part(self, set_name: str, index: int) -> None:
+        self._again(OfflineTask(self.job, set_name, index))
+
+    def project_part(self, stage: int, set_name: str, index: int) -> None:
+        self._again(ProjectTask(self.job, stage, set_name, index))
+
+
 @dataclass
 class JobView:
     spec: JobSpec
@@ -118,7 +143,9 @@ class Controller:
         if job not in self._views:
             key = layout.spec_key(job)
             spec = parse_spec_yaml(self.store.get(key).decode(), key)
-            self._views[job] = JobView(spec, _job_data(spec), InfluenceEngine(spec, self.store))
+            influence = InfluenceEngine(spec, self.store)
+            influence.recompute = BusRecompute(self.bus, self.jobs, job)
+            self._views[job] = JobView(spec, _job_data(spec), influence)
         return self._views[job]
 
     # ------------------------------------------------------------ machine
@@ -135,6 +162,8 @@ class Controller:
                     moved = True
             except LeaseLost:  # another controller acts now: not this job's failure, stop acting
                 raise
+            except PartPending:  # a stored part is being recomputed by its task: wait for it
+                continue
             except InputError as err:  # the job's own settings or data: said as they are, no traceback
                 log.warning("job %s failed: %s", job, err)
                 self._end(job, Phase.FAILED, "failed", str(err), error=str(err), error_kind="input")

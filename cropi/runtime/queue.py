@@ -260,6 +260,16 @@ class TaskBus:
                     pipe.expire(key, ttl)
                 pipe.execute()
 
+    def resubmit(self, kind: str, task_id: str, payload: dict[str, Any]) -> bool:
+        """Run a finished task again (its stored output was found unreadable): its result, error and
+        submit markers are dropped and it is enqueued afresh. False if it is already waiting to run
+        again (submitted, no result yet), so that asking twice enqueues it once."""
+        if self.r.exists(self._submitted(task_id)) and not self.r.exists(self._result(task_id)) \
+                and not self.r.exists(self._failed(task_id)):
+            return False
+        self.r.delete(self._result(task_id), self._failed(task_id), self._submitted(task_id))
+        return self.submit(kind, task_id, payload)
+
     def retry_failed(self, job: str) -> int:
         """Forget the dead-lettered tasks of `job` (their errors and submit markers), so that the
         controller's next submit of each enqueues it again; and keep the job's tasks' state for good

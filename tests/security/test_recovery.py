@@ -4,6 +4,8 @@ failed before.
 - A flipped byte in a stored part (offline trajectories, projected gradients) made the rerun of the
   job fail for good; the part is now found unreadable, recomputed (same bytes: every part is a
   deterministic function of the spec and the stage-start policy) and reported by its key.
+- The services' controller, which has no model, failed the job naming the part; it now submits the
+  part's task again and waits for it.
 - A failed job could not be continued: `cropi run` again raised its old error. It now continues
   from the start of the stage it failed in, redoing nothing that was stored.
 - The trainer unpickled `state.pt` from the store (`weights_only=False`): store write access meant
@@ -25,15 +27,21 @@ import torch
 from rich.console import Console
 
 from cropi.curriculum import layout
+from cropi.curriculum.controller import Controller
 from cropi.curriculum.influence import InfluenceEngine
 from cropi.curriculum.stage import TrainerJournal, UnsafeTrainerState, load_trainer_state
 from cropi.data.rewards import register_verifier
 from cropi.data.sources import load_job_data
 from cropi.embedded import run_job
+from cropi.executors import JobExecutors
 from cropi.executors.inline import InlineExecutor, Policy
 from cropi.influence.offline import CorruptPart, read_offline_part
 from cropi.rollout.hf import HFRolloutEngine
+from cropi.runtime.jobs import JobRegistry, Phase
+from cropi.runtime.queue import TaskBus
 from cropi.runtime.store import LocalStore
+from cropi.runtime.tasks import TaskKind
+from cropi.runtime.worker import Worker
 from cropi.spec import parse_spec
 
 from ..conftest import stand_in_verifier
@@ -264,3 +272,35 @@ def test_parts_that_do_not_read_back_whole_count_as_missing(tmp_path, tiny_model
     assert {k: store.get(k) for k in good} == good
     assert rescored.prompt_ids == scores.prompt_ids
     assert (rescored.scores["add1"] == scores.scores["add1"]).all()
+
+
+def test_the_services_controller_has_a_corrupt_part_recomputed_by_its_task(redis_server, tmp_path, tiny_model,
+                                                                           mixed_rewards):
+    """The controller has no model: it submits the part's task again, waits, and goes on."""
+    r = redis_server.client()
+    bus, jobs, store = TaskBus(r), JobRegistry(r), LocalStore(tmp_path / "store")
+    controller = Controller(bus, jobs, store)
+    executors = JobExecutors(store)
+    worker = Worker([TaskKind.OFFLINE], bus, jobs, executors, "w1")
+    try:
+        controller.submit(parse_spec(JOB))
+        controller.tick()  # queued -> offline: the parts' tasks are submitted
+        while (task := bus.claim(TaskKind.OFFLINE, "w1", block_ms=None)) is not None:
+            worker.process(task)
+        good = store.get(POOL_PART)
+        flip_byte(tmp_path / "store" / POOL_PART)
+
+        controller.tick()  # every offline task is done, but a part does not read back
+        rec = jobs.get(NAME)
+        assert rec["phase"] == Phase.OFFLINE and not rec["error"]
+        warning = [e for e in jobs.events(NAME) if e["kind"] == "warning"]
+        assert len(warning) == 1 and "offline:pool:0" in warning[0]["message"]
+        controller.tick()  # asking again does not enqueue it twice
+        assert bus.depth(TaskKind.OFFLINE)["waiting"] == 1
+
+        worker.process(bus.claim(TaskKind.OFFLINE, "w1", block_ms=None))
+        controller.tick()
+        assert jobs.get(NAME)["phase"] == Phase.PROJECT  # read whole now: the job went on
+        assert store.get(POOL_PART) == good  # the same bytes as before the damage
+    finally:
+        executors.close()

@@ -219,6 +219,9 @@ cropi.dev/secret-source: {{ ternary "values" "generated" . }}
 {{- define "cropi.storeEnv" -}}
 {{- include "cropi.redisEnv" .ctx }}
 {{- include "cropi.s3Env" . }}
+{{- /* The folders jobs may read data and verifier files from (none: s3:// and built-in data only). */}}
+- name: CROPI_DATA_ROOTS
+  value: {{ join ":" .ctx.Values.controller.dataRoots | quote }}
 {{- end -}}
 
 {{/* Ray token authentication (Ray >= 2.52): on every Ray node and every Ray client (the task
