@@ -35,7 +35,7 @@ from rich.progress import Progress as Progress_
 
 from cropi.curriculum import layout
 from cropi.curriculum.controller import Controller
-from cropi.curriculum.controller import _job_data as job_data  # cached: the controller's view reuses it
+from cropi.curriculum.controller import cached_job_data as job_data  # the controller's view reuses it
 from cropi.curriculum.stage import load_trainer_state
 from cropi.curriculum.state import Progress
 from cropi.devices import resolve_device

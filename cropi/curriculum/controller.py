@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from cropi.curriculum import layout
+from cropi.curriculum.data_loader import JobDataLoader
 from cropi.curriculum.influence import POOL, InfluenceEngine
 from cropi.curriculum.selection import needs_offline, needs_projection, select_stage, stored_selection
 from cropi.curriculum.selectors import selection_size
@@ -76,8 +77,12 @@ class JobView:
 
 
 class Controller:
-    def __init__(self, bus: TaskBus, jobs: JobRegistry, store: ObjectStore, retention_s: float | None = None):
+    def __init__(self, bus: TaskBus, jobs: JobRegistry, store: ObjectStore, retention_s: float | None = None,
+                 loader: JobDataLoader | None = None):
         self.bus = bus
+        # Loads jobs' data off the stage machine's thread, within a time budget (the services);
+        # None: in the caller's thread (`cropi run`, one job).
+        self.loader = loader
         self.jobs = jobs
         self.store = store
         # Seconds an ended job's Redis state is kept (None: forever, as in `cropi run`).
@@ -132,6 +137,8 @@ class Controller:
     def _forget(self, job: str) -> None:
         """Free what this controller holds for `job` (its view: spec, data, offline trajectories)."""
         self._views.pop(job, None)
+        if self.loader is not None:
+            self.loader.forget(job)
         self._emitted = {e for e in self._emitted if e[0] != job}
 
     def resync(self) -> None:
@@ -140,13 +147,31 @@ class Controller:
         self.jobs.reset_active()
 
     def view(self, job: str) -> JobView:
+        """The job's view, its data loaded here and now (when it is not yet)."""
         if job not in self._views:
-            key = layout.spec_key(job)
-            spec = parse_spec_yaml(self.store.get(key).decode(), key)
-            influence = InfluenceEngine(spec, self.store)
-            influence.recompute = BusRecompute(self.bus, self.jobs, job)
-            self._views[job] = JobView(spec, _job_data(spec), influence)
+            spec = self._stored_spec(job)
+            self._views[job] = self._new_view(job, spec, cached_job_data(spec))
         return self._views[job]
+
+    def _tick_view(self, job: str) -> JobView | None:
+        """The job's view for the stage machine: with a loader, None while its data loads elsewhere."""
+        if job in self._views or self.loader is None:
+            return self.view(job)
+        spec = self._stored_spec(job)
+        data = self.loader.ready(job, spec)
+        if data is None:
+            return None
+        self._views[job] = self._new_view(job, spec, data)
+        return self._views[job]
+
+    def _stored_spec(self, job: str) -> JobSpec:
+        key = layout.spec_key(job)
+        return parse_spec_yaml(self.store.get(key).decode(), key)
+
+    def _new_view(self, job: str, spec: JobSpec, data: JobData) -> JobView:
+        influence = InfluenceEngine(spec, self.store)
+        influence.recompute = BusRecompute(self.bus, self.jobs, job)
+        return JobView(spec, data, influence)
 
     # ------------------------------------------------------------ machine
     def active_jobs(self) -> list[str]:
@@ -187,7 +212,9 @@ class Controller:
             self._end(job, Phase.CANCELLED, "cancelled", "job cancelled")
             return False
         phase, stage = rec["phase"], rec["stage"]
-        v = self.view(job)
+        v = self._tick_view(job)
+        if v is None:  # its data is still loading, off this thread
+            return False
         if phase == Phase.QUEUED:
             if needs_offline(v.spec):
                 self._set(job, phase=Phase.OFFLINE, status="running")
@@ -326,7 +353,7 @@ def check_job(spec: JobSpec) -> None:
     data loads under this process's data policy, templates and verifiers included. Nothing is
     built or trained; the data loaded is cached for the job's first tick."""
     check_model_path(spec.model.path)
-    _job_data(spec)
+    cached_job_data(spec)
 
 
 @lru_cache(maxsize=8)
@@ -334,6 +361,6 @@ def _job_data_cached(spec_yaml: str) -> JobData:
     return load_job_data(parse_spec_yaml(spec_yaml, "<job>"))
 
 
-def _job_data(spec: JobSpec) -> JobData:
+def cached_job_data(spec: JobSpec) -> JobData:
     return _job_data_cached(spec.to_yaml())
 

@@ -53,7 +53,8 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
-from cropi.curriculum.controller import Controller, check_job
+from cropi.curriculum.controller import Controller, cached_job_data, check_job
+from cropi.curriculum.data_loader import JobDataLoader
 from cropi.errors import InputError
 from cropi.runtime.jobs import (
     DEFAULT_RETENTION_S,
@@ -137,7 +138,8 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
     tenants = token if isinstance(token, Tenants) else Tenants.single(token)
     if long_poll_slots < 1:
         raise InputError(f"{LONG_POLL_SLOTS_ENV}: must be at least 1")
-    controller = Controller(bus, jobs, store, retention_s=retention_s)
+    loader = JobDataLoader(cached_job_data)
+    controller = Controller(bus, jobs, store, retention_s=retention_s, loader=loader)
     # Long-polls: their own threads, Redis connections and registry; a slot is freed when the wait
     # ends (not when its client goes away), so that the threads never outnumber the slots.
     waiters = JobRegistry(long_poll_client(bus.r, long_poll_slots), prefix=jobs.prefix)
@@ -153,6 +155,7 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
             stage_loop.start()
         yield
         stage_loop.stop()
+        loader.close()
         wait_pool.shutdown(wait=False, cancel_futures=True)
         health_pool.shutdown(wait=False, cancel_futures=True)
 

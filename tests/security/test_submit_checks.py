@@ -13,11 +13,12 @@ The controller runs in-process on a real redis-server and store folder; `cropi` 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from cropi.curriculum.controller import Controller
 from cropi.embedded import run_job
 from cropi.errors import InputError
 from cropi.runtime.jobs import JobRegistry, Phase
@@ -102,11 +103,19 @@ class _RefusingExecutor:
     project = train = offline
 
 
+def _tick_until(api, job: str, phase: str, timeout_s: float = 30) -> None:
+    """Tick the stage machine until `job` reaches `phase` (its data loads off the ticking thread)."""
+    deadline = time.monotonic() + timeout_s
+    while api.jobs.get(job)["phase"] != phase:
+        assert time.monotonic() < deadline, f"{job} never reached {phase}"
+        api.controller.tick()
+        time.sleep(0.01)
+
+
 def _fail_offline(api) -> None:
     """Submit a job and let a worker meet its first offline task with an InputError."""
     api.post("/v1/jobs", json={"spec": yaml.safe_dump(tiny_job(name="doomed"))})
-    controller: Controller = api.controller
-    controller.tick()  # queued -> offline: its tasks are submitted
+    _tick_until(api, "doomed", Phase.OFFLINE)  # queued -> offline: its tasks are submitted
     worker = Worker([TaskKind.OFFLINE], api.bus, api.jobs, lambda job: _RefusingExecutor(), "w1")
     task = api.bus.claim(TaskKind.OFFLINE, "w1", block_ms=None)
     worker.process(task)
@@ -127,13 +136,11 @@ def test_a_task_that_fails_for_its_input_is_not_retried_and_fails_the_job_as_inp
 
 def test_a_failed_job_resumes_from_its_stage_and_its_failed_task_runs_again(api, tiny_model):
     task = _fail_offline(api)
-    api.controller.tick()
-    assert api.jobs.get("doomed")["phase"] == Phase.FAILED
+    _tick_until(api, "doomed", Phase.FAILED)
     r = api.post("/v1/jobs/doomed/resume")
     assert r.status_code == 202 and r.json()["phase"] == Phase.QUEUED and r.json()["error"] == ""
     assert api.bus.failure(task.task_id) is None
-    api.controller.tick()  # offline again: the failed part is submitted again
-    assert api.jobs.get("doomed")["phase"] == Phase.OFFLINE
+    _tick_until(api, "doomed", Phase.OFFLINE)  # offline again: the failed part is submitted again
     assert api.bus.claim(TaskKind.OFFLINE, "w2", block_ms=None).task_id is not None
     # Only a failed job continues.
     r = api.post("/v1/jobs/doomed/resume")
@@ -143,7 +150,7 @@ def test_a_failed_job_resumes_from_its_stage_and_its_failed_task_runs_again(api,
 def test_cropi_submit_of_a_job_that_already_failed_exits_non_zero_with_its_phase(api, tmp_path, monkeypatch,
                                                                                  tiny_model):
     _fail_offline(api)
-    api.controller.tick()
+    _tick_until(api, "doomed", Phase.FAILED)
     spec_file = tmp_path / "doomed.yaml"
     spec_file.write_text(yaml.safe_dump(tiny_job(name="doomed")))
     monkeypatch.setenv("CROPI_TOKEN", TOKEN)
