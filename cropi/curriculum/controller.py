@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,6 +43,11 @@ from cropi.runtime.tasks import AnyTask, OfflineTask, ProjectTask, TrainTask, to
 from cropi.spec import JobSpec, parse_spec_yaml
 
 log = logging.getLogger(__name__)
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 60.0)  # about two minutes before a job fails
+
+
+class TaskFailed(RuntimeError):
+    """A task of the job was dead-lettered: retrying the stage machine cannot help."""
 
 
 class PartPending(Exception):
@@ -78,11 +84,16 @@ class JobView:
 
 class Controller:
     def __init__(self, bus: TaskBus, jobs: JobRegistry, store: ObjectStore, retention_s: float | None = None,
-                 loader: JobDataLoader | None = None):
+                 loader: JobDataLoader | None = None, retry_delays_s: tuple[float, ...] = ()):
         self.bus = bus
         # Loads jobs' data off the stage machine's thread, within a time budget (the services);
         # None: in the caller's thread (`cropi run`, one job).
         self.loader = loader
+        # A job whose transition raised (not its input, not a dead task) is tried again after each
+        # of these delays, then fails (the services: RETRY_DELAYS_S; `cropi run` fails at once, and
+        # running it again continues); job -> (failures so far, monotonic time of the next try).
+        self.retry_delays_s = retry_delays_s
+        self._retry: dict[str, tuple[int, float]] = {}
         self.jobs = jobs
         self.store = store
         # Seconds an ended job's Redis state is kept (None: forever, as in `cropi run`).
@@ -137,6 +148,7 @@ class Controller:
     def _forget(self, job: str) -> None:
         """Free what this controller holds for `job` (its view: spec, data, offline trajectories)."""
         self._views.pop(job, None)
+        self._retry.pop(job, None)
         if self.loader is not None:
             self.loader.forget(job)
         self._emitted = {e for e in self._emitted if e[0] != job}
@@ -182,9 +194,13 @@ class Controller:
         """Advance every active job as far as it can go without waiting; True if anything moved."""
         moved = False
         for job in self.active_jobs():
+            attempt, not_before = self._retry.get(job, (0, 0.0))
+            if time.monotonic() < not_before:
+                continue  # backing off after a failure of this controller on the job
             try:
                 while self.advance(job):
                     moved = True
+                self._retry.pop(job, None)
             except LeaseLost:  # another controller acts now: not this job's failure, stop acting
                 raise
             except PartPending:  # a stored part is being recomputed by its task: wait for it
@@ -194,6 +210,14 @@ class Controller:
                 self._end(job, Phase.FAILED, "failed", str(err), error=str(err), error_kind="input")
                 moved = True
             except Exception as err:  # a job's failure must not stop the others
+                if not isinstance(err, TaskFailed) and attempt < len(self.retry_delays_s):
+                    # The store or Redis away, a bug that a restart of the work clears: try again later.
+                    delay = self.retry_delays_s[attempt]
+                    self._retry[job] = (attempt + 1, time.monotonic() + delay)
+                    log.warning("job %s: %s: %s; retrying in %.0f s", job, type(err).__name__, err, delay)
+                    self.jobs.event(job, "warning", f"the controller failed on this job ({type(err).__name__}); "
+                                    f"retry {attempt + 1} of {len(self.retry_delays_s)} in {delay:.0f} s")
+                    continue
                 log.exception("job %s failed", job)
                 message = f"{type(err).__name__}: {err}"
                 self._end(job, Phase.FAILED, "failed", message, error=message)
@@ -341,7 +365,7 @@ class Controller:
                 error = failures[task_id]
                 if error.startswith(INPUT_ERROR_MARK):  # the job's input: the user's to fix, said as it is
                     raise InputError(f"task {task_id}: {error[len(INPUT_ERROR_MARK):]}")
-                raise RuntimeError(f"task {task_id} failed for good: {error}")
+                raise TaskFailed(f"task {task_id} failed for good: {error}")
         if len(results) < len(task_ids):
             return None
         return results

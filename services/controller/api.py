@@ -53,7 +53,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field
 
-from cropi.curriculum.controller import Controller, cached_job_data, check_job
+from cropi.curriculum.controller import RETRY_DELAYS_S, Controller, cached_job_data, check_job
 from cropi.curriculum.data_loader import JobDataLoader
 from cropi.errors import InputError
 from cropi.runtime.jobs import (
@@ -139,7 +139,7 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
     if long_poll_slots < 1:
         raise InputError(f"{LONG_POLL_SLOTS_ENV}: must be at least 1")
     loader = JobDataLoader(cached_job_data)
-    controller = Controller(bus, jobs, store, retention_s=retention_s, loader=loader)
+    controller = Controller(bus, jobs, store, retention_s=retention_s, loader=loader, retry_delays_s=RETRY_DELAYS_S)
     # Long-polls: their own threads, Redis connections and registry; a slot is freed when the wait
     # ends (not when its client goes away), so that the threads never outnumber the slots.
     waiters = JobRegistry(long_poll_client(bus.r, long_poll_slots), prefix=jobs.prefix)

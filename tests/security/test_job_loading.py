@@ -1,6 +1,7 @@
-"""Issue H part 4, a poison job cannot stall the stage machine: a job's data loads off the stage
+"""Issue H parts 4 and 6: a poison job cannot stall the stage machine: a job's data loads off the stage
 machine's thread (the services' controller), so another job's transitions go on meanwhile, and a
-load past its time budget fails its job as the user's to fix instead of hanging it.
+load past its time budget fails its job as the user's to fix instead of hanging it. A transition
+that raises (the store away) is retried with backoff, and the job fails only after its retries.
 
 The controller runs on a real redis-server and store folder. The slow load is a stand-in for a
 huge dataset (a 1M-prompt pool takes tens of seconds): it blocks until the test lets it go.
@@ -78,3 +79,44 @@ def test_a_load_that_fails_fails_its_job_with_the_loads_own_error(redis_server, 
     _tick_until(controller, lambda: jobs.get("broken")["phase"] == Phase.FAILED, timeout_s=10)
     assert jobs.get("broken")["error"] == "data file rows.jsonl, line 3: not JSON"
     controller.loader.close()
+
+
+# ------------------------------------------------------------------ a failing tick is retried
+class FlakyStore(LocalStore):
+    """A real store folder whose reads fail while `down` is set: the store away for a while."""
+
+    down = False
+
+    def get(self, key: str) -> bytes:
+        if self.down:
+            raise ConnectionError("store unreachable")
+        return super().get(key)
+
+
+def test_a_transition_that_raises_is_retried_with_backoff_and_the_job_goes_on(redis_server, tmp_path):
+    r = redis_server.client()
+    jobs, store = JobRegistry(r), FlakyStore(tmp_path)
+    controller = Controller(TaskBus(r), jobs, store, retry_delays_s=(0.05, 0.1, 0.2))
+    controller.submit(parse_spec(tiny_job(name="flaky")))
+    store.down = True
+    for _ in range(2):  # two failures, each followed by a wait
+        controller.tick()
+        time.sleep(0.25)
+    rec = jobs.get("flaky")
+    assert rec["phase"] == Phase.QUEUED and not rec["error"]
+    warnings = [e["message"] for e in jobs.events("flaky") if e["kind"] == "warning"]
+    assert warnings == ["the controller failed on this job (ConnectionError); retry 1 of 3 in 0 s",
+                        "the controller failed on this job (ConnectionError); retry 2 of 3 in 0 s"]
+    store.down = False
+    _tick_until(controller, lambda: jobs.get("flaky")["phase"] == Phase.OFFLINE)
+
+
+def test_a_transition_that_keeps_raising_fails_the_job_after_its_retries(redis_server, tmp_path):
+    r = redis_server.client()
+    jobs, store = JobRegistry(r), FlakyStore(tmp_path)
+    controller = Controller(TaskBus(r), jobs, store, retry_delays_s=(0.01, 0.01))
+    controller.submit(parse_spec(tiny_job(name="flaky")))
+    store.down = True
+    _tick_until(controller, lambda: jobs.get("flaky")["phase"] == Phase.FAILED, timeout_s=10)
+    assert jobs.get("flaky")["error"] == "ConnectionError: store unreachable"
+    assert sum(e["kind"] == "warning" for e in jobs.events("flaky")) == 2
