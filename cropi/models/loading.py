@@ -17,6 +17,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from cropi.data.access import data_access
 from cropi.devices import local_dtype
 from cropi.errors import InputError
 from cropi.models.tiny import TinyRecipe, ensure_tiny_model
@@ -45,8 +46,13 @@ def resolve_model_path(path: str, progress: Callable[[int, int, float], None] | 
     if path.startswith("builtin:"):
         check_model_path(path)
         return str(ensure_tiny_model(path.partition("?")[2], progress))
-    local = Path(path).expanduser()
+    access = data_access()
     looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1
+    if not looks_local and (access.restricted or not Path(path).expanduser().exists()):
+        return path  # an 'org/name' hub id (in a service always: it looks at no folder of that name)
+    # A service reads a model folder only under its data roots, like data (checked before the
+    # folder is looked at, so that a refusal says nothing of what exists).
+    local = access.local_path(path, "model.path").expanduser()
     if local.exists():
         if not (local / "config.json").is_file():
             raise InputError(f"model.path: {path} exists but has no config.json (not a HF model folder)")

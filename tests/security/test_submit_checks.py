@@ -6,7 +6,8 @@ controller and then failed later (the model cases only in a worker, after 48 doo
 - a task that fails for its job's input (InputError) is dead-lettered on its first attempt, and the
   job fails as the user's to fix (error_kind input);
 - a failed job continues from the stage it failed in (`POST /v1/jobs/{name}/resume`, `cropi resume`);
-- `cropi submit` of a job that already failed exits non-zero, saying its phase.
+- `cropi submit` of a job that already failed exits non-zero, saying its phase;
+- a service reads a local model folder only under its data roots, as it reads data.
 
 The controller runs in-process on a real redis-server and store folder; `cropi` runs as a process.
 """
@@ -19,8 +20,10 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from cropi.data.access import DataAccess, set_data_access
 from cropi.embedded import run_job
 from cropi.errors import InputError
+from cropi.models.loading import check_model_path
 from cropi.runtime.jobs import JobRegistry, Phase
 from cropi.runtime.queue import INPUT_ERROR_MARK, TaskBus
 from cropi.runtime.store import LocalStore
@@ -162,3 +165,30 @@ def test_cropi_submit_of_a_job_that_already_failed_exits_non_zero_with_its_phase
         assert resumed.returncode == 0 and "doomed: continuing" in resumed.stdout, resumed.stderr
     assert api.jobs.get("doomed")["phase"] == Phase.QUEUED
 
+
+
+# ------------------------------------------------------------------ model folders under the data policy
+@pytest.fixture
+def service_policy(tmp_path):
+    """A service's data policy: one data root (what `cropi serve` sets from CROPI_DATA_ROOTS)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    set_data_access(DataAccess(roots=(str(root),)))
+    yield root
+    set_data_access(None)
+
+
+def test_a_service_reads_a_model_folder_only_under_its_data_roots(service_policy, tmp_path, tiny_model):
+    outside = tmp_path / "elsewhere"
+    (outside / "model").mkdir(parents=True)
+    (outside / "model" / "config.json").write_text("{}")
+    refusals = []
+    for path in (outside / "model", outside / "missing"):
+        with pytest.raises(InputError, match="model.path") as err:
+            check_model_path(str(path))
+        refusals.append(str(err.value).replace(str(path), "<path>"))
+    assert refusals[0] == refusals[1]  # the same words whether the folder exists or not
+    (service_policy / "model").mkdir()
+    with pytest.raises(InputError, match="no config.json"):  # under a root: looked at, and judged
+        check_model_path(str(service_policy / "model"))
+    check_model_path("Qwen/Qwen3-0.6B")  # a hub id: the workers' to fetch
