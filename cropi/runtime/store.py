@@ -2,10 +2,16 @@
 live (docs/design.md §5). This module has the interface and the local-folder
 backend; the S3/MinIO backend implements the same interface.
 
-Every object is written atomically (temp file, then rename) with a SHA-256
-sidecar (`<key>.sha256`) written after it. An object counts as present only
-when both exist, so a crash between the two writes means "absent, redo it";
-since every writer is deterministic, a redo writes the same bytes.
+Every object is written atomically (temp file, fsync, rename) with a SHA-256
+sidecar (`<key>.sha256`). An object counts as present only when both exist,
+so a crash before both are written means "absent, redo it"; since every
+writer is deterministic, a redo writes the same bytes. Overwriting an object
+(the trainer state, every step) is three renames: the sidecar admits the new
+checksum besides the old, the bytes are replaced, the sidecar keeps only the
+new; a process killed anywhere in between leaves the old or the new object,
+whole and readable, never one that is refused. A write that fails (disk full,
+file-size limit) raises an `OSError` naming the key and leaves the object as
+it was, and no temp file behind.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ class ObjectStore(Protocol):
     def url(self) -> str: ...
 
 
+def _checksums(check: Path) -> list[str]:
+    return check.read_bytes().decode("ascii", "replace").split()
+
+
 class LocalStore:
     """A folder on disk laid out exactly like the bucket."""
 
@@ -83,8 +93,19 @@ class LocalStore:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        self._atomic_write(path, data)
-        self._atomic_write(path.with_name(path.name + ".sha256"), sha256(data).encode())
+        check = path.with_name(path.name + ".sha256")
+        digest = sha256(data)
+        try:
+            old = _checksums(check) if check.is_file() else []
+            if len(old) > 1:  # an earlier overwrite was interrupted: which of its checksums is stored?
+                old = [sha256(path.read_bytes())] if path.is_file() else []
+            if old != [digest]:
+                self._atomic_write(check, "\n".join([digest, *old]).encode())
+            self._atomic_write(path, data)  # also when the checksum is the same: a redo repairs damaged bytes
+            if old and old != [digest]:
+                self._atomic_write(check, digest.encode())
+        except OSError as err:
+            raise OSError(err.errno, f"{err.strerror}: cannot store object {key!r} in {self.root}") from err
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -92,7 +113,7 @@ class LocalStore:
         if not (path.is_file() and check.is_file()):
             raise FileNotFoundError(f"object {key!r} not found in {self.root}")
         data = path.read_bytes()
-        if sha256(data) != check.read_text().strip():
+        if sha256(data) not in _checksums(check):  # two lines while an overwrite is under way
             raise ChecksumError(f"object {key!r} in {self.root} is corrupted (checksum mismatch)")
         return data
 
