@@ -9,6 +9,9 @@
     jobs/<job>/stages/<s>/metrics.jsonl                   the records of stage s's steps
     jobs/<job>/stages/<s>/checkpoint/                     the policy at stage s's start (s >= 1)
     jobs/<job>/final/checkpoint/                          the policy after the last stage
+    jobs/<job>/report/metrics.jsonl                       every step's records so far (rewritten at each stage end)
+    jobs/<job>/report/summary.json                        the run's summary so far (rewritten at each stage end)
+    jobs/<job>/report/curves.png                          its curves so far (rewritten at each stage end)
     jobs/<job>/trainer/state.pt                           the trainer's progress, weights and optimizer
     jobs/<job>/trainer/zero/slot-<0|1>/                   ZeRO-3 shards (two slots, alternating)
     jobs/<job>/trainer/weights/                           weights published to rollout replicas
@@ -77,3 +80,13 @@ def zero_slot(job: str, step: int) -> str:
 
 def published_weights_prefix(job: str) -> str:
     return f"jobs/{job}/trainer/weights"
+
+
+def report_prefix(job: str) -> str:
+    """What a cluster job reports at each stage end, for `cropi fetch` (metrics, summary, curves)."""
+    return f"jobs/{job}/report"
+
+
+def report_key(job: str, name: str) -> str:
+    """`name`: metrics.jsonl, summary.json or curves.png."""
+    return f"{report_prefix(job)}/{name}"
