@@ -47,6 +47,15 @@ class _SpecLoader(yaml.SafeLoader):
                            "aliases, write the value out")
         return super().compose_node(parent, index)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # SafeConstructor raises plain Python errors for some scalars (`!!int abc`, `!!float x`,
+        # `!!timestamp x`, an integer of more than 4300 digits), quoting the value: name the line.
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, AttributeError, OverflowError):
+            kind = str(node.tag).rpartition(":")[2] or "scalar"
+            raise _Refused(f"line {node.start_mark.line + 1}: not a valid {kind} value") from None
+
 
 _SpecLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

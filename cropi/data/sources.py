@@ -38,9 +38,12 @@ def load_source(src: DataSource, role: str, seed: int, tokenizer: Any = None, fi
     if src.source.startswith("builtin:"):
         name, _, query = src.source.partition("?")
         if name != BUILTIN_ARITH:
-            raise InputError(f"unknown built-in data source {name!r}; known: {BUILTIN_ARITH}")
+            raise InputError(f"{field}.source: unknown built-in data source {name!r}; known: {BUILTIN_ARITH}")
         noise = POOL_LABEL_NOISE if role == "pool" else 0.0
-        prompts = arith.load_builtin_arith(query, src.size, seed=f"{seed}-{role}", default_noise=noise)
+        try:
+            prompts = arith.load_builtin_arith(query, src.size, seed=f"{seed}-{role}", default_noise=noise)
+        except InputError as err:  # which of the job's sources (arith's own message names the query key)
+            raise InputError(f"{field}.source: {err}") from None
         verifier = "int" if src.verifier == "auto" else src.verifier
     else:
         verifier = "math" if src.verifier == "auto" else src.verifier

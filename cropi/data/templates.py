@@ -28,8 +28,11 @@ def format_prompts(prompts: Sequence[Prompt], template: str, field: str) -> list
     try:
         return [replace(p, text=template.format(prompt=p.text)) for p in prompts]
     except (KeyError, IndexError, ValueError) as err:
+        # Neither the template nor the name it uses is repeated (a pasted secret would be); the
+        # parser's own ValueError text says what is malformed without quoting it.
+        reason = "it names a field other than {prompt}" if isinstance(err, (KeyError, IndexError)) else str(err)
         raise InputError(
-            f"{field}: {template!r} is not a valid format template ({type(err).__name__}: {err}). It may use "
+            f"{field}: not a valid format template ({reason}). It may use "
             "{prompt} and nothing else between single braces; write literal braces doubled, e.g. "
             "'... put the answer in \\\\boxed{{}}: {prompt}', or use template: chat") from None
 

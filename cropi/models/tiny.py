@@ -77,9 +77,27 @@ class TinyRecipe:
                 raise InputError(f"builtin:tiny-arith: unknown option {key!r}; known: {', '.join(fields)}")
             try:
                 kwargs[key] = type(getattr(cls, key))(value)
-            except ValueError:
-                raise InputError(f"builtin:tiny-arith: option {key}={value!r} is not a valid number") from None
-        return cls(**kwargs)
+            except ValueError:  # the message never repeats the value
+                raise InputError(f"builtin:tiny-arith: option {key} is not a valid number") from None
+        recipe = cls(**kwargs)
+        recipe.check()
+        return recipe
+
+    def check(self) -> None:
+        """InputError naming the first option that cannot build a model (checked before building,
+        so that a submit is refused, not a worker's build failing)."""
+        for key in ("hidden", "layers", "heads", "intermediate", "max_positions", "sft_batch"):
+            if getattr(self, key) < 1:
+                raise InputError(f"builtin:tiny-arith: option {key} must be at least 1")
+        if self.sft_steps < 0:
+            raise InputError("builtin:tiny-arith: option sft_steps must be at least 0")
+        if self.hidden % self.heads:
+            raise InputError("builtin:tiny-arith: option hidden must be a multiple of option heads")
+        if not (math.isfinite(self.sft_lr) and self.sft_lr > 0):
+            raise InputError("builtin:tiny-arith: option sft_lr must be a positive finite number")
+        for key in ("ramble_arith", "ramble_other", "confusion"):
+            if not 0 <= getattr(self, key) <= 1:  # NaN fails this too
+                raise InputError(f"builtin:tiny-arith: option {key} must be a probability in [0, 1]")
 
     def cache_key(self) -> str:
         blob = json.dumps({"v": BUILDER_VERSION, **asdict(self)}, sort_keys=True)

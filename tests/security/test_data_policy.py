@@ -292,7 +292,7 @@ def test_row_level_errors_after_loading_name_the_row_not_its_id(tmp_path):
 def test_arith_query_errors_name_the_key_not_the_value():
     for query in (f"digits={SECRET}", f"noise={SECRET}", f"skills={SECRET}"):
         message = refusal(job(f"builtin:arith?{query}"))
-        assert SECRET not in message and message.startswith(f"builtin:arith: {query.split('=')[0]}")
+        assert SECRET not in message and message.startswith(f"data.pool.source: builtin:arith: {query.split('=')[0]}")
 
 
 # --- verifier files -----------------------------------------------------------------------
