@@ -355,9 +355,9 @@ def test_the_controller_service_holds_jobs_to_its_data_roots(redis_server, tmp_p
                 return c.post("/v1/jobs", json={"spec": json.dumps(spec)})
 
             refused = submit("outside", source=str(outside / "secrets.jsonl"))
-            assert refused.status_code == 201  # the data is read when the job starts
-            status = cluster.wait_phase("outside", timeout_s=60)
-            assert status["phase"] == "failed" and status["error"].startswith("data.pool.source: a local path")
+            # Refused at submit (the data is read there, as `cropi run` reads it before it starts).
+            assert refused.status_code == 422 and "data.pool.source: a local path" in refused.json()["detail"]
+            assert c.get("/v1/jobs/outside").status_code == 404  # nothing stored
             answer = submit("verifier", source="builtin:arith", verifier=f"{verifier_file}:score")
             assert answer.status_code == 422 and "data.pool.verifier" in answer.text
             (root / "score.py").write_text(verifier_file.read_text())  # under the root: taken, not run
