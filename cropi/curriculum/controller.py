@@ -110,14 +110,17 @@ class Controller:
         """Register the job and store its spec; True if new (a same-spec resubmit is a no-op)."""
         text = spec.to_yaml()
         key = layout.spec_key(spec.name)
-        if not self.store.exists(key):
-            self.store.put(key, text.encode())
-        elif self.store.get(key).decode() != text:
+        stored = self.store.get(key).decode() if self.store.exists(key) else None
+        if stored is not None and stored != text:
             # Redis forgot the name (its record expired, or Redis was wiped) but the store kept the
             # job's artifacts: a different spec would silently run on them.
             raise JobConflict(f"job {spec.name!r} ran before with a different spec (its artifacts are in the "
                               "store); choose another name")
+        # Redis decides, atomically, which of concurrent submits of a name is the job; only then is
+        # the spec stored, so that the one stored is the one accepted, never a refused one.
         created = self.jobs.create(spec.name, text)
+        if stored is None:
+            self.store.put(key, text.encode())  # the accepted spec (a same-spec resubmit writes the same bytes)
         if created:  # a name Redis no longer knew (wiped, restored): nothing of it is submitted there
             self._forget(spec.name)
         return created

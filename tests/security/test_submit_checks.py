@@ -14,6 +14,7 @@ The controller runs in-process on a real redis-server and store folder; `cropi` 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -192,3 +193,27 @@ def test_a_service_reads_a_model_folder_only_under_its_data_roots(service_policy
     with pytest.raises(InputError, match="no config.json"):  # under a root: looked at, and judged
         check_model_path(str(service_policy / "model"))
     check_model_path("Qwen/Qwen3-0.6B")  # a hub id: the workers' to fetch
+
+
+# ------------------------------------------------------------------ concurrent submits of one name
+def test_of_concurrent_submits_of_one_name_the_stored_spec_is_the_accepted_one(api):
+    """20 different specs under one name at once: one is accepted, and it is the one that runs."""
+    import concurrent.futures
+
+    import httpx
+
+    texts = [yaml.safe_dump(tiny_job(name="race", seed=i)) for i in range(20)]
+    with serve_app(api.app) as url, httpx.Client(base_url=url, timeout=60,
+                                                 headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        barrier = threading.Barrier(len(texts))
+
+        def submit(text: str) -> int:
+            barrier.wait()
+            return http.post("/v1/jobs", json={"spec": text}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
+            codes = list(pool.map(submit, texts))
+    assert sorted(codes) == [201] + [409] * 19
+    accepted = parse_spec(yaml.safe_load(texts[codes.index(201)])).to_yaml()
+    assert api.jobs.get("race")["spec"] == accepted
+    assert (api.store_dir / "jobs" / "race" / "spec.yaml").read_text() == accepted
