@@ -3,7 +3,10 @@
     CROPI_REDIS_URL     redis://host:6379/0, unix:///path/redis.sock
     CROPI_STORE         a folder path, file:///folder, or s3://bucket[/prefix]
     CROPI_S3_ENDPOINT   host:port of the S3/MinIO endpoint (for s3:// stores)
-    CROPI_S3_ACCESS_KEY, CROPI_S3_SECRET_KEY (or AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)
+    CROPI_S3_ACCESS_KEY, CROPI_S3_SECRET_KEY: static keys; without them the AWS credential chain
+                        (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN, IRSA's
+                        AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN, ~/.aws/credentials, EKS Pod
+                        Identity, an instance role: cropi/runtime/s3creds.py)
     CROPI_S3_SECURE     1 for https
 """
 
@@ -45,10 +48,11 @@ def open_store(url: str | None = None) -> ObjectStore:
         endpoint = os.environ.get("CROPI_S3_ENDPOINT")
         if not endpoint:
             raise InputError(f"store {url}: set CROPI_S3_ENDPOINT (host:port of the S3/MinIO endpoint)")
-        access = os.environ.get("CROPI_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID")
-        secret = os.environ.get("CROPI_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if not (access and secret):
-            raise InputError(f"store {url}: set CROPI_S3_ACCESS_KEY and CROPI_S3_SECRET_KEY")
+        access, secret = os.environ.get("CROPI_S3_ACCESS_KEY"), os.environ.get("CROPI_S3_SECRET_KEY")
+        if bool(access) != bool(secret):
+            raise InputError(f"store {url}: set both CROPI_S3_ACCESS_KEY and CROPI_S3_SECRET_KEY, or neither "
+                             "(then the AWS credential chain: AWS_* variables, IRSA, an instance role)")
+        # No static keys: S3Store builds the credential chain (and says what it tried when it finds nothing).
         return S3Store(endpoint, parsed.netloc, access, secret, secure=os.environ.get("CROPI_S3_SECURE") == "1",
                        prefix=parsed.path.strip("/"))
     if parsed.scheme in ("", "file"):

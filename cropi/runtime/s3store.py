@@ -6,6 +6,10 @@ as object metadata, so there is no window where data and checksum disagree;
 `get` verifies it. Connection errors (endpoint restarting, network blip) are
 retried with exponential backoff up to `retry_deadline_s`; errors the server
 answers with (no such key, access denied) are not retried.
+
+Credentials: static keys (`access_key`, `secret_key`), or without them a credential provider, by
+default the AWS chain of cropi/runtime/s3creds.py (environment, IRSA web identity, shared file,
+container endpoint, instance role). A chain that finds nothing is an InputError when the store opens.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from typing import TypeVar
 
 import urllib3
 from minio import Minio
+from minio.credentials.providers import Provider
 from minio.error import S3Error
 
+from cropi.errors import InputError
 from cropi.runtime.store import ChecksumError, sha256, validate_key
 
 log = logging.getLogger(__name__)
@@ -31,24 +37,47 @@ _TRANSIENT = (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSErr
 
 
 class S3Store:
-    def __init__(self, endpoint: str, bucket: str, access_key: str, secret_key: str, secure: bool = False,
-                 prefix: str = "", region: str | None = None, retry_deadline_s: float = 60.0,
-                 create_bucket: bool = True):
+    def __init__(self, endpoint: str, bucket: str, access_key: str | None = None, secret_key: str | None = None,
+                 secure: bool = False, prefix: str = "", region: str | None = None, retry_deadline_s: float = 60.0,
+                 create_bucket: bool = True, credentials: Provider | None = None):
         # Fail fast per attempt (no urllib3-level retries); the backoff loop below owns retrying.
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2.0, read=30.0), retries=False)
+        if access_key or secret_key:
+            if not (access_key and secret_key) or credentials is not None:
+                raise InputError(f"object store {endpoint}: give an access key and a secret key, or neither "
+                                 "(then the credential chain)")
+        elif credentials is None:
+            from cropi.runtime.s3creds import shared_chain
+
+            credentials = shared_chain()
+        self.credentials = credentials  # None: the static keys
         self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure,
-                            region=region, http_client=http)
+                            region=region, http_client=http, credentials=credentials)
         self.endpoint = endpoint
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.retry_deadline_s = retry_deadline_s
+        if credentials is not None:
+            self._retry(self._check_credentials)
         if create_bucket:
             self._retry(self._ensure_bucket)
 
     @property
     def url(self) -> str:
-        """What `open_store` reopens this store from; endpoint and keys come from CROPI_S3_* there."""
+        """What `open_store` reopens this store from; endpoint and keys come from CROPI_S3_* (or the chain) there."""
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _check_credentials(self) -> None:
+        """Fetch them now: a chain that finds none is the user's to fix, said when the store opens."""
+        try:
+            self.credentials.retrieve()
+        except urllib3.exceptions.HTTPError as err:  # STS or a credential endpoint away: retried
+            raise ConnectionError(f"credential source unreachable: {err}") from err
+        except ValueError as err:
+            raise InputError(f"object store {self.endpoint}: {err}. Set CROPI_S3_ACCESS_KEY and CROPI_S3_SECRET_KEY, "
+                             "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), or run with a "
+                             "web identity (AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN: IRSA) or an "
+                             "instance role") from err
 
     def _ensure_bucket(self) -> None:
         if not self.client.bucket_exists(self.bucket):
@@ -113,6 +142,20 @@ class S3Store:
             except S3Error as err:
                 if err.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
                     return False
+                raise
+
+        return self._retry(stat)
+
+    def size(self, key: str) -> int:
+        """The object's length in bytes, without reading it."""
+        name = self._name(key)
+
+        def stat() -> int:
+            try:
+                return self.client.stat_object(self.bucket, name).size
+            except S3Error as err:
+                if err.code in ("NoSuchKey", "NoSuchObject", "ResourceNotFound"):
+                    raise FileNotFoundError(f"object {key!r} not found in s3://{self.bucket}/{self.prefix}") from err
                 raise
 
         return self._retry(stat)

@@ -206,12 +206,15 @@ cropi.dev/secret-source: {{ ternary "values" "generated" . }}
   value: {{ $v.external.endpoint | quote }}
 - name: CROPI_S3_SECURE
   value: {{ ternary "1" "0" $v.external.secure | quote }}
+{{- if eq ($v.external.credentials | default "static") "static" }}
 - name: CROPI_S3_ACCESS_KEY
   valueFrom:
     secretKeyRef: {name: {{ $secret }}, key: {{ $v.external.accessKeyKey }}}
 - name: CROPI_S3_SECRET_KEY
   valueFrom:
     secretKeyRef: {name: {{ $secret }}, key: {{ $v.external.secretKeyKey }}}
+{{- end }}
+{{- /* chain: no keys; the pod's AWS credential chain (cropi/runtime/s3creds.py) finds its own. */}}
 {{- end }}
 {{- end -}}
 
@@ -323,5 +326,49 @@ tolerations:
 {{- with .affinity }}
 affinity:
 {{ toYaml . | indent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The user's extra entries of a pod: the top-level list first, then the pod's own; an own entry
+     with the same `key` (env and volumes: name; mounts: mountPath) replaces the top-level one.
+     Prints a YAML list, or nothing when both are empty. Call with
+     (dict "all" TOP-LEVEL-LIST "own" POD-LIST "key" "name"). */}}
+{{- define "cropi.mergeExtra" -}}
+{{- $key := .key -}}
+{{- $own := .own | default list -}}
+{{- $ownKeys := list -}}
+{{- range $own }}{{ $ownKeys = append $ownKeys (get . $key) }}{{ end -}}
+{{- $merged := list -}}
+{{- range (.all | default list) }}{{ if not (has (get . $key) $ownKeys) }}{{ $merged = append $merged . }}{{ end }}{{ end -}}
+{{- $merged = concat $merged $own -}}
+{{- if $merged }}{{ toYaml $merged }}{{ end -}}
+{{- end -}}
+
+{{/* Extra env, volumes and mounts of a cropi pod. Call with (dict "ctx" $ "own" POD-VALUES). */}}
+{{- define "cropi.extraEnv" -}}
+{{- include "cropi.mergeExtra" (dict "all" .ctx.Values.extraEnv "own" .own.extraEnv "key" "name") -}}
+{{- end -}}
+{{- define "cropi.extraVolumes" -}}
+{{- include "cropi.mergeExtra" (dict "all" .ctx.Values.extraVolumes "own" .own.extraVolumes "key" "name") -}}
+{{- end -}}
+{{- define "cropi.extraVolumeMounts" -}}
+{{- include "cropi.mergeExtra" (dict "all" .ctx.Values.extraVolumeMounts "own" .own.extraVolumeMounts "key" "mountPath") -}}
+{{- end -}}
+
+{{/* The ServiceAccount of the cropi pods (controller, task workers, Ray nodes); empty: none named
+     (the namespace's default). */}}
+{{- define "cropi.serviceAccountName" -}}
+{{- $sa := .Values.serviceAccount -}}
+{{- if $sa.create -}}
+{{- default (printf "%s-workload" (include "cropi.fullname" .)) $sa.name -}}
+{{- else -}}
+{{- $sa.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A pod spec's serviceAccountName line, when there is one. Call with the root context. */}}
+{{- define "cropi.serviceAccount" -}}
+{{- with include "cropi.serviceAccountName" . }}
+serviceAccountName: {{ . }}
 {{- end }}
 {{- end -}}

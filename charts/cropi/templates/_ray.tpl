@@ -10,6 +10,7 @@ metadata:
     cropi.dev/ray: "true"
 spec:
   automountServiceAccountToken: false
+  {{- include "cropi.serviceAccount" .ctx | nindent 2 }}
   {{- include "cropi.imagePullSecrets" .ctx | nindent 2 }}
   securityContext:
     {{- include "cropi.podSecurityContext" .ctx | nindent 4 }}
@@ -19,7 +20,8 @@ spec:
       imagePullPolicy: {{ .ctx.Values.image.pullPolicy }}
       securityContext:
         {{- include "cropi.containerSecurityContext" .ctx | nindent 8 }}
-      {{- if or .ctx.Values.ray.auth.enabled .ctx.Values.ray.rolloutService.enabled }}
+      {{- $extraEnv := include "cropi.extraEnv" (dict "ctx" .ctx "own" $n) }}
+      {{- if or .ctx.Values.ray.auth.enabled .ctx.Values.ray.rolloutService.enabled $extraEnv }}
       env:
         {{- include "cropi.rayAuthEnv" .ctx | nindent 8 }}
         {{- if .ctx.Values.ray.rolloutService.enabled }}
@@ -28,17 +30,26 @@ spec:
         # the Ray nodes' own environment, as the rollout MinIO user (read-only there). No Redis.
         {{- include "cropi.s3Env" (dict "ctx" .ctx "component" "rollout") | nindent 8 }}
         {{- end }}
+        {{- with $extraEnv }}
+        {{- . | nindent 8 }}
+        {{- end }}
       {{- end }}
       resources:
         {{- include "cropi.gpuResources" (dict "resources" $n.resources "gpus" .gpus "gpuResource" ($n.gpuResource | default "nvidia.com/gpu")) | nindent 8 }}
       volumeMounts:
         - {name: tmp, mountPath: /tmp}
         - {name: dshm, mountPath: /dev/shm}
+        {{- with include "cropi.extraVolumeMounts" (dict "ctx" .ctx "own" $n) }}
+        {{- . | nindent 8 }}
+        {{- end }}
   volumes:
     {{- include "cropi.tmpVolume" .ctx | nindent 4 }}
     # Ray's object store and NCCL live in /dev/shm; the container default (64 MiB) is far too small.
     - name: dshm
       emptyDir: {medium: Memory, sizeLimit: {{ $n.shmSize }}}
+    {{- with include "cropi.extraVolumes" (dict "ctx" .ctx "own" $n) }}
+    {{- . | nindent 4 }}
+    {{- end }}
   {{- include "cropi.gpuNodeSelector" (dict "nodeSelector" $n.nodeSelector "gpus" .gpus "gpuType" $n.gpuType) | nindent 2 }}
   {{- include "cropi.scheduling" $n | nindent 2 }}
 {{- end -}}
