@@ -14,20 +14,46 @@ import sys
 from pathlib import Path
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+import cropi
 from cropi.bench.commands import bench_app
 from cropi.client import ControllerError
 from cropi.errors import InputError
 from cropi.runtime.jobs import TERMINAL, Phase
+
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_type(self, ctx) -> str | None:
+    """No value placeholder for a flag: typer 0.29's help shows `--restart <bool>` otherwise."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_type
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="cropi: influence-guided curriculum RL (CROPI).")
 app.add_typer(bench_app, name="bench")
 
 console = Console()
 err_console = Console(stderr=True)
+SET_OPTION = typer.Option(None, "--set", metavar="PATH=VALUE", help="change a spec field before validation, e.g. "
+                          "--set rl.lr=1e-5 --set data.validation.0.size=8 (repeatable)")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"cropi {cropi.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="print cropi's version and exit")) -> None:
+    """cropi: influence-guided curriculum RL (CROPI)."""
 
 
 @app.command()
@@ -35,6 +61,7 @@ def run(
     job: Path = typer.Argument(..., help="job spec YAML"),
     out: Path | None = typer.Option(None, "--out", help="run folder (default: runs/<job name>)"),
     restart: bool = typer.Option(False, "--restart", help="discard this job's earlier progress in the run folder"),
+    sets: list[str] | None = SET_OPTION,
 ) -> None:
     """Run a job embedded on this machine and write its run folder.
 
@@ -43,9 +70,9 @@ def run(
     """
     from cropi.data.rewards import import_reward_functions
     from cropi.embedded import clear_progress, run_job
-    from cropi.spec import load_spec
+    from cropi.spec_overrides import load_spec_with
 
-    spec = load_spec(job)
+    spec = load_spec_with(job, sets)
     import_reward_functions(spec, str(job))  # the user's own code, on their machine: a typo fails now
     run_dir = out or Path("runs") / spec.name
     if restart:
@@ -88,6 +115,34 @@ def run(
         f"{result.steps} steps in {result.wallclock_s / 60:.1f} min; run folder: {result.run_dir} "
         "(spec.yaml, metrics.jsonl, checkpoint/, tb/, curves.png)"
     )
+
+
+@app.command()
+def validate(
+    job: Path = typer.Argument(..., help="job spec YAML"),
+    out: Path | None = typer.Option(None, "--out", help="run folder `cropi run` would use (default: runs/<job name>)"),
+    sets: list[str] | None = SET_OPTION,
+) -> None:
+    """Check a job as `cropi run` does, without running it, and print what it will cost.
+
+    Checked: the spec (with --set), the device, reward code, the model path (nothing built), the
+    data, the run folder."""
+    from cropi.curriculum.controller import cached_job_data, check_job
+    from cropi.data.rewards import import_reward_functions
+    from cropi.devices import resolve_device
+    from cropi.embedded import check_run_dir
+    from cropi.estimate import estimate, estimate_lines
+    from cropi.spec_overrides import load_spec_with
+
+    spec = load_spec_with(job, sets)
+    import_reward_functions(spec, str(job))
+    device = resolve_device(spec.device)
+    check_job(spec)  # the model path (nothing built) and the data
+    check_run_dir(spec, out or Path("runs") / spec.name)
+    console.print(f"[bold]{spec.name}[/]: valid ({spec.curriculum.selector}, {spec.curriculum.stages} stages, "
+                  f"device {device})")
+    for line in estimate_lines(estimate(spec, cached_job_data(spec), device.type)):
+        console.print(f"  {line}", highlight=False)
 
 
 def _targeted(results: dict[str, dict[str, float]], targeted: list[str]) -> str:
@@ -177,11 +232,12 @@ def submit(
     job: Path = typer.Argument(..., help="job spec YAML"),
     wait: bool = typer.Option(False, "--wait", help="follow the job's events until it finishes"),
     controller: str | None = CONTROLLER_OPTION,
+    sets: list[str] | None = SET_OPTION,
 ) -> None:
     """Submit a job to the controller (validated here first, then by the controller)."""
-    from cropi.spec import load_spec
+    from cropi.spec_overrides import load_spec_with
 
-    spec = load_spec(job)
+    spec = load_spec_with(job, sets)
     client = _client(controller)
     st = client.submit(spec.to_yaml())
     if st["phase"] in (Phase.FAILED, Phase.CANCELLED):
@@ -215,6 +271,26 @@ def status(
         return
     for st in [result] if job else result:
         console.print(_status_line(st))
+
+
+@app.command()
+def fetch(
+    job: str = typer.Argument(..., help="job name"),
+    out: Path | None = typer.Option(None, "--out", help="run folder to write (default: runs/<job name>)"),
+    controller: str | None = CONTROLLER_OPTION,
+) -> None:
+    """Download a job's results into a run folder that `cropi plot` and `cropi inspect` read.
+
+    The final checkpoint, metrics, summary, curves, selections, spec and events, through the
+    controller (its token and tenancy apply); what the job has not stored yet is named."""
+    from cropi.fetch import fetch_job
+
+    r = fetch_job(_client(controller), job, out, console)
+    console.print(f"fetched {r.files} files ({r.bytes / 1e6:.1f} MB) of {job} ({r.phase}) into {r.run_dir}")
+    for note in r.notes:
+        console.print(f"  {note}", highlight=False)
+    if r.missing:
+        console.print(f"  not stored (yet): {', '.join(r.missing)}", highlight=False)
 
 
 @app.command("list")

@@ -1,4 +1,4 @@
-"""HTTP client of the controller API, used by `cropi submit|status|list|cancel|logs`.
+"""HTTP client of the controller API, used by `cropi submit|status|list|cancel|logs|fetch`.
 
 Configured by `--controller URL` / `CROPI_CONTROLLER` and `CROPI_TOKEN`
 (or `CROPI_TOKEN_FILE`). A 4xx answer is the user's input being refused:
@@ -7,8 +7,12 @@ it becomes an InputError (exit 2) carrying the server's message.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -57,6 +61,11 @@ class ControllerClient:
             if r.status_code != 429 or method != "GET" or attempt == BUSY_RETRIES:
                 break
             time.sleep(_retry_after(r))
+        self._refused(r)
+        return r.json()
+
+    def _refused(self, r: httpx.Response) -> None:
+        """Raise for an answer that is not a success (InputError for 4xx, ControllerError else)."""
         if r.status_code == 429:
             raise ControllerError(f"controller busy (429): {response_detail(r)}")
         if r.status_code == 401:
@@ -65,7 +74,6 @@ class ControllerClient:
             raise InputError(f"controller refused the request ({r.status_code}): {response_detail(r)}")
         if r.status_code >= 500:
             raise ControllerError(f"controller error ({r.status_code}): {response_detail(r)}")
-        return r.json()
 
     def submit(self, spec_yaml: str) -> dict[str, Any]:
         return self._call("POST", "/v1/jobs", json={"spec": spec_yaml})
@@ -85,6 +93,38 @@ class ControllerClient:
     def events(self, job: str, after: str = "0-0", wait_ms: int = 0) -> list[dict[str, Any]]:
         return self._call("GET", job_path(job, "events"), params={"after": after, "wait_ms": wait_ms},
                           timeout=wait_ms / 1000 + 30)
+
+    def artifacts(self, job: str) -> dict[str, Any]:
+        """{"name", "phase", "artifacts": [{"path", "size"}]}: what `download` can fetch of the job."""
+        return self._call("GET", job_path(job, "artifacts"))
+
+    def download(self, job: str, path: str, dest: Path, progress: Callable[[int], None] | None = None) -> int:
+        """Stream artifact `path` of the job into file `dest` (written whole or not at all: a temp
+        file beside it, its SHA-256 and length checked, then renamed); returns its length."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        url = job_path(job, "artifacts/" + "/".join(quote(seg, safe="") for seg in path.split("/")))
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f, self.http.stream("GET", url, timeout=httpx.Timeout(60.0)) as r:
+                if r.status_code != 200:
+                    r.read()
+                    self._refused(r)
+                digest, size = hashlib.sha256(), 0
+                for chunk in r.iter_bytes(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+            expected = r.headers.get("x-cropi-sha256")
+            if expected and digest.hexdigest() != expected:
+                raise ControllerError(f"artifact {path} of job {job}: the download does not match its checksum")
+            os.replace(tmp, dest)
+            return size
+        except httpx.HTTPError as err:
+            raise ControllerError(f"controller {self.url}: downloading {path} failed: {err}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def job_path(job: str, action: str = "") -> str:

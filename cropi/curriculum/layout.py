@@ -23,6 +23,11 @@ never build one: only the curriculum knows what a job or a stage is.
 from __future__ import annotations
 
 
+def job_prefix(job: str) -> str:
+    """Everything of one job is under this prefix (ends with '/')."""
+    return f"jobs/{job}/"
+
+
 def spec_key(job: str) -> str:
     return f"jobs/{job}/spec.yaml"
 

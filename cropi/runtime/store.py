@@ -53,6 +53,7 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
+    def size(self, key: str) -> int: ...
 
     @property
     def url(self) -> str: ...
@@ -120,6 +121,12 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         path = self._path(key)
         return path.is_file() and path.with_name(path.name + ".sha256").is_file()
+
+    def size(self, key: str) -> int:
+        """The object's length in bytes, without reading it."""
+        if not self.exists(key):
+            raise FileNotFoundError(f"object {key!r} not found in {self.root}")
+        return self._path(key).stat().st_size
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root

@@ -68,6 +68,7 @@ from cropi.runtime.queue import TaskBus
 from cropi.runtime.store import ObjectStore
 from cropi.runtime.tasks import TaskKind
 from cropi.spec import parse_spec_yaml
+from services.controller.artifacts import add_artifact_routes
 from services.controller.guard import (
     MAX_BODY_BYTES,
     MAX_WAIT_MS,
@@ -297,6 +298,7 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
                 acc.labels(owner, name, key).set(value)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    add_artifact_routes(app, store, jobs, tenant, key_or_404)
     app.state.controller = controller
     return app
 
