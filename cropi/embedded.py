@@ -24,14 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import Progress as Progress_
 
 from cropi.curriculum import layout
 from cropi.curriculum.controller import Controller
@@ -39,6 +31,7 @@ from cropi.curriculum.controller import cached_job_data as job_data  # the contr
 from cropi.curriculum.stage import load_trainer_state
 from cropi.curriculum.state import Progress
 from cropi.devices import resolve_device
+from cropi.display import LiveProgress
 from cropi.errors import InputError
 from cropi.executors import JobExecutors
 from cropi.executors.inline import TaskRecompute, job_warning
@@ -51,7 +44,8 @@ from cropi.runtime.store import LocalStore
 from cropi.runtime.tasks import RunObserver, TaskContext, TaskKind
 from cropi.runtime.worker import Worker
 from cropi.spec import JobSpec
-from cropi.tracking import MetricsLog, truncate_metrics
+from cropi.tracking.base import check_backends, run_key
+from cropi.tracking.observer import TrackingObserver, local_tracking
 
 KINDS = (TaskKind.OFFLINE, TaskKind.PROJECT, TaskKind.TRAIN)
 
@@ -141,22 +135,27 @@ def clear_progress(spec: JobSpec, run_dir: Path) -> None:
 
 
 def _sft_progress(console: Console):
-    state = {"progress": None}
+    """The built-in model's build (minutes, first use only): a bar on a terminal, else periodic lines."""
+    state: dict[str, LiveProgress] = {}
 
     def report(step: int, total: int, loss: float) -> None:
-        if state["progress"] is None:
+        if "bar" not in state:
             console.print("[bold]Building the built-in tiny model[/] (first use only; cached afterwards)")
-            state["progress"] = Progress_(
-                TextColumn("warm start"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-            )
-            state["progress"].start()
-            state["task"] = state["progress"].add_task("sft", total=total, loss=loss)
-        state["progress"].update(state["task"], completed=step, loss=loss)
+            state["bar"] = LiveProgress(console, "warm start (SFT)", total, unit="step")
+        state["bar"].update(step, text=f"loss {loss:.3f}")
         if step == total:
-            state["progress"].stop()
+            state["bar"].stop()
 
     return report
+
+
+def stored_records(store: LocalStore, job: str) -> list[dict]:
+    """Every metric record the job's trainer state holds, stage by stage ([] before its first save)."""
+    key = layout.trainer_state_key(job)
+    if not store.exists(key):
+        return []
+    records = load_trainer_state(store.get(key), key)["records"]
+    return [r for stage in sorted(records, key=int) for r in records[stage]]
 
 
 class EmbeddedRun(RunObserver):
@@ -166,20 +165,17 @@ class EmbeddedRun(RunObserver):
         self.spec = spec
         self.run_dir = run_dir
         self.console = console or Console()
-        self._bar: Progress_ | None = None
-        self._bar_task = None
-        self._live_metrics = None
+        self._bar: LiveProgress | None = None
+        self._tracking: TrackingObserver | None = None
         self._driving = False  # the job's tasks have started running (its folder then holds its state)
 
     # ----------------------------------------------------------- display
     def metric(self, record: dict) -> None:
-        self._live_metrics.write(json.dumps(record) + "\n")
-        self._live_metrics.flush()
+        self._tracking.metric(record)  # metrics.jsonl and the trackers, as it happens
 
     def step(self, progress: Progress, stats: dict[str, float]) -> None:
         if self._bar is not None:
-            self._bar.update(self._bar_task, completed=progress.step_in_stage, reward=stats["reward_mean"],
-                             acc=_fmt_acc(progress.after))
+            self._bar.update(progress.step_in_stage, _bar_text(stats["reward_mean"], progress.after))
 
     def stage_started(self, stage: int, progress: Progress, selection) -> None:
         cur, n = self.spec.curriculum, len(selection.prompt_ids)
@@ -191,14 +187,8 @@ class EmbeddedRun(RunObserver):
             self.console.print(f"[yellow]stage {stage}: no eligible prompt to train on; skipping its steps[/]")
             return
         self._close_bar()
-        self._bar = Progress_(
-            TextColumn(f"[bold]stage {stage} GRPO"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("reward {task.fields[reward]:.2f}  acc {task.fields[acc]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-        )
-        self._bar.start()
-        self._bar_task = self._bar.add_task("train", total=cur.steps_per_stage, completed=progress.step_in_stage,
-                                            reward=0.0, acc=_fmt_acc(progress.after))
+        self._bar = LiveProgress(self.console, f"stage {stage} GRPO", cur.steps_per_stage, progress.step_in_stage,
+                                 unit="step", text=_bar_text(None, progress.after))
 
     def _close_bar(self) -> None:
         if self._bar is not None:
@@ -208,10 +198,7 @@ class EmbeddedRun(RunObserver):
     def _phase_bar(self, kind: str, total: int) -> None:
         self._close_bar()
         label = {TaskKind.OFFLINE: "offline rollouts (parts)", TaskKind.PROJECT: "POPI projection (parts)"}[kind]
-        self._bar = Progress_(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                              console=self.console, transient=True)
-        self._bar.start()
-        self._bar_task = self._bar.add_task(kind, total=total)
+        self._bar = LiveProgress(self.console, label, total, transient=True)
 
     # ----------------------------------------------------------- run
     def run(self) -> RunResult:
@@ -222,6 +209,7 @@ class EmbeddedRun(RunObserver):
         spec, console = self.spec, self.console
         resolve_device(spec.device)  # a device this machine lacks is refused before the folder is touched
         check_run_dir(spec, self.run_dir)
+        check_backends(spec)  # a tracker whose client is not installed (the `tracking` extra)
         resolve_model_path(spec.model.path, _sft_progress(console))  # build the built-in model with a visible bar
         job_data(spec)  # a missing data file or a bad row is refused here (the controller reuses what it loads)
         created = _missing_folders(self.run_dir)
@@ -265,10 +253,12 @@ class EmbeddedRun(RunObserver):
                 rec = jobs.get(spec.name)
             if not fresh and rec["phase"] not in TERMINAL:
                 console.print(f"[bold]resuming[/] at step {rec['step']} ({rec['phase']}, stage {rec['stage']})")
-            if not fresh:  # the live log may hold records of steps the killed run did not save
-                truncate_metrics(self.run_dir, rec["step"])
-            with (self.run_dir / "metrics.jsonl").open("a" if not fresh else "w") as live:
-                self._live_metrics = live
+            # metrics.jsonl and tb/ from the stored records (a killed run may have logged a step it never
+            # saved), then each record as it is logged; the trackers continue the run's W&B / MLflow run.
+            self._tracking = local_tracking(spec, self.run_dir, run_key(spec.name, rec.get("created")),
+                                            [] if fresh else stored_records(store, spec.name),
+                                            warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+            try:
                 executors = JobExecutors(store)
                 # The controller's influence engine has no model: a stored part it finds unreadable
                 # is recomputed by the part's task handler, here.
@@ -282,6 +272,8 @@ class EmbeddedRun(RunObserver):
                 finally:
                     self._close_bar()
                     executors.close()
+            finally:
+                self._tracking.close()
             rec = jobs.get(spec.name)
             if rec["phase"] == Phase.FAILED:
                 if rec.get("error_kind") == "input":
@@ -317,7 +309,7 @@ class EmbeddedRun(RunObserver):
                                    "transition possible (a bug; the run folder keeps its state)")
             worker.process_all(tasks)
             if tasks[0].kind in (TaskKind.OFFLINE, TaskKind.PROJECT) and self._bar is not None:
-                self._bar.advance(self._bar_task, len(tasks))
+                self._bar.advance(len(tasks))
 
     def _parallel(self, kind: str) -> int:
         """Tasks run at once: one per projection actor when the pool does the work, else one."""
@@ -328,19 +320,12 @@ class EmbeddedRun(RunObserver):
         key = layout.trainer_state_key(job)
         state = load_trainer_state(store.get(key), key)
         progress = Progress(**state["progress"])
-        # metrics.jsonl and TensorBoard from the stored records: the store is the source of truth.
-        log = MetricsLog(self.run_dir)
-        for stage in sorted(state["records"], key=int):
-            for r in state["records"][stage]:
-                log.log(r["kind"], r["step"], **{k: v for k, v in r.items() if k not in ("kind", "step")})
-        log.close()
         checkpoint = self.run_dir / "checkpoint"
         shutil.rmtree(checkpoint, ignore_errors=True)
         checkpoint.mkdir()
         prefix = layout.final_checkpoint_prefix(job) + "/"
         for key in store.list(prefix):
             (checkpoint / key[len(prefix):]).write_bytes(store.get(key))
-        plot_run(self.run_dir)
         if progress.stopped_early:
             self.console.print(f"targeted accuracy reached {spec.curriculum.target_accuracy}: stopped after "
                                f"stage {progress.stages[-1]['stage']}")
@@ -349,11 +334,16 @@ class EmbeddedRun(RunObserver):
             targeted=list(self.data.validation), wallclock_s=seconds, stages=progress.stages,
         )
         (self.run_dir / "summary.json").write_text(json.dumps(result.to_json(), indent=2))
+        plot_run(self.run_dir)
         return result
 
 
 def _fmt_acc(results: dict[str, dict[str, float]]) -> str:
     return " ".join(f"{k}={v['accuracy']:.2f}" for k, v in results.items()) or "-"
+
+
+def _bar_text(reward: float | None, after: dict[str, dict[str, float]]) -> str:
+    return f"reward {'-' if reward is None else f'{reward:.2f}'}  acc {_fmt_acc(after)}"
 
 
 def run_job(spec: JobSpec, run_dir: Path, console: Console | None = None) -> RunResult:

@@ -21,8 +21,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -31,6 +29,7 @@ from pydantic import (
 )
 
 from cropi.errors import InputError
+from cropi.spec_sections import EvalSpec, RaySpec, TrackingSpec, _Section
 from cropi.spec_limits import (MAX_ACTORS, MAX_BATCH, MAX_BATCH_TOKENS, MAX_EVAL_SET, MAX_EVAL_SETS, MAX_GROUP,
                                 MAX_NEW_TOKENS, MAX_PARAM_PATTERNS, MAX_POOL, MAX_PROJ_DIM, MAX_STAGES, MAX_STEPS,
                                 SEED_RANGE)
@@ -42,12 +41,6 @@ def _require(pattern: str, value: str, message: str) -> str:
     if not re.fullmatch(pattern, value):
         raise ValueError(message)
     return value
-
-
-class _Section(BaseModel):
-    # strict: no bool for an int (`stages: true`) or int for a bool, no "3" for 3, no 2.0 for an int;
-    # an int is still taken for a float. allow_inf_nan: `.inf` and `.nan` are refused everywhere.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Section):
@@ -266,43 +259,6 @@ class InfluenceSpec(_Section):
         return v
 
 
-class EvalSpec(_Section):
-    every: int = Field(20, gt=0, le=MAX_STEPS,
-                       description=f"evaluate every this many training steps (at most {MAX_STEPS})")
-    max_new_tokens: int | None = Field(None, gt=0, le=MAX_NEW_TOKENS,
-                                       description=f"defaults to rollout.max_new_tokens (at most {MAX_NEW_TOKENS})")
-    samples: int = Field(4, ge=0, le=MAX_GROUP, description="responses per prompt for sampled accuracy (0: greedy "
-                                                            f"only; at most {MAX_GROUP})")
-    temperature: float | None = Field(None, gt=0, description="sampling temperature; defaults to rollout.temperature")
-
-
-class RaySpec(_Section):
-    """Placement of the Ray executor's components (`executor: ray`)."""
-
-    address: str | None = Field(None, description="Ray cluster to join (e.g. ray://head:10001, auto); "
-                                                 "empty: RAY_ADDRESS, else a local Ray")
-    num_cpus: int | None = Field(None, gt=0, le=MAX_BATCH, description="logical CPUs of a local Ray (default: "
-                                                                       f"max(cores, 6); at most {MAX_BATCH})")
-    projector_actors: int = Field(2, gt=0, le=MAX_ACTORS,
-                                  description=f"actors of the gradient-projection pool (at most {MAX_ACTORS})")
-    projector_gpus: float = Field(0, ge=0, description="GPUs per projection actor")
-    rollout_app: str | None = Field(
-        None, description="a standing rollout Serve app to sample on, one job at a time (e.g. the chart's "
-                          "RayService app cropi-rollout); empty: CROPI_ROLLOUT_APP, else a per-job app")
-    rollout_replicas: int = Field(1, gt=0, le=MAX_ACTORS, description="Ray Serve replicas of the per-job rollout "
-                                                                      f"deployment (at most {MAX_ACTORS})")
-    rollout_gpus: float = Field(0, ge=0, description="GPUs per replica of the per-job rollout deployment "
-                                                     "(vLLM: rollout.tensor_parallel)")
-    trainer_workers: int = Field(2, gt=0, le=MAX_ACTORS, description="Ray Train workers (DeepSpeed data-parallel "
-                                                                     f"ranks; at most {MAX_ACTORS})")
-    trainer_gpus: float = Field(0, ge=0, description="GPUs per trainer worker (0: CPU with gloo)")
-    zero_stage: Literal[2, 3] = Field(3, description="DeepSpeed ZeRO stage of the trainer")
-    weight_sync: Literal["broadcast", "store"] = Field(
-        "broadcast", description="trainer -> rollout: torch.distributed broadcast, or a checkpoint in the store")
-    sync_bucket_mb: int = Field(64, gt=0, le=MAX_BATCH,
-                                description=f"bucket size of the broadcast weight sync (at most {MAX_BATCH})")
-
-
 # Sizes whose default depends on the model (`JobSpec._sized_defaults`): the 1M-parameter toy
 # learns fast from short answers; an LLM needs the paper's small lr and long responses.
 TOY_DEFAULTS = {("rl", "lr"): 1e-3, ("rl", "micro_batch"): 256, ("rollout", "max_new_tokens"): 16,
@@ -325,6 +281,7 @@ class JobSpec(_Section):
         "inline", validate_default=True,
         description="inline: tasks run in the worker process; ray: on the Ray components of `ray`")
     ray: RaySpec = RaySpec()
+    tracking: TrackingSpec = TrackingSpec()
     device: str = Field("auto", description="where the inline executor computes: auto (CUDA when present), "
                                             "cpu, cuda or cuda:N")
     seed: int = Field(0, **SEED_RANGE, description="seed of the job's random choices (a signed 64-bit integer)")

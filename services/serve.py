@@ -87,7 +87,7 @@ def serve(
         metrics = WorkerMetrics(bus, SERVICE_KINDS[service])
         metrics.serve(metrics_port, host)
     err_console.print(f"{service} worker {name}: consuming {', '.join(SERVICE_KINDS[service])} tasks")
-    executors = JobExecutors(store)
+    executors = JobExecutors(store, track=True)  # train tasks log to their jobs' trackers from here
     worker = Worker(SERVICE_KINDS[service], bus, jobs, executors, name, metrics=metrics, parallel=parallel)
     try:
         worker.run(stop)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Protocol
@@ -135,6 +136,12 @@ class TrainerJournal:
         self.records: dict[str, list[dict]] = {}
         self._dirty: set[str] = set()
         self._counted = 0
+        # Called with (progress, records) when a stage has ended and is saved (the store's report).
+        self.on_stage_end: Callable[[Progress, dict[str, list[dict]]], None] | None = None
+
+    def stage_ended(self, progress: Progress) -> None:
+        if self.keeper and self.on_stage_end is not None:
+            self.on_stage_end(progress, self.records)
 
     def load(self) -> dict | None:
         """The stored trainer state (None on a fresh job); restores progress and records from it."""
@@ -195,6 +202,7 @@ def run_train_task(policy: StagePolicy, data: JobData, journal: TrainerJournal, 
         progress.before = progress.after = progress.stage_before = policy.evaluate(data, 0, journal.metric)
         save(progress)
     if progress.stage > stage:  # a re-delivered task whose work was saved already
+        journal.stage_ended(progress)  # its report, should the process have died before writing it
         return train_result(progress, stage)
     if progress.stage < stage:
         raise RuntimeError(f"job {job}: trainer is at stage {progress.stage}, asked for stage {stage}")
@@ -203,6 +211,8 @@ def run_train_task(policy: StagePolicy, data: JobData, journal: TrainerJournal, 
         raise RuntimeError(f"job {job}: stage {stage} has no stored selection")
     observer = journal.observer
     observer.stage_started(stage, progress, selection)
+    if progress.step_in_stage == 0:
+        journal.metric("selection", progress.step, **selection_stats(data, stage, selection))
     train_stage(policy, data, progress, selection, journal.metric, save,
                 on_step=lambda stats: observer.step(progress, stats))
     finish_stage(policy, data, progress, selection)
@@ -211,7 +221,24 @@ def run_train_task(policy: StagePolicy, data: JobData, journal: TrainerJournal, 
     else:
         put_checkpoint(layout.final_checkpoint_prefix(job))
     save(progress)
+    journal.stage_ended(progress)
     return train_result(progress, stage)
+
+
+MIX_KEYS = ("skill", "data_source")  # the first that the selected prompts carry counts them
+
+
+def selection_stats(data: JobData, stage: int, selection: Selection) -> dict[str, Any]:
+    """A stage's `selection` record: how many were selected of how many eligible, their mix by
+    skill (built-in tasks) or data_source (file data), and what choosing them took."""
+    prompts = stage_prompts(data, selection)
+    stats: dict[str, Any] = {"stage": stage, "selected": len(prompts), "eligible": selection.eligible,
+                             "seconds": selection.seconds}
+    key = next((k for k in MIX_KEYS if any(k in p.meta for p in prompts)), None)
+    if key is not None:
+        stats["mix_key"] = key
+        stats["mix"] = dict(sorted(Counter(str(p.meta.get(key, "-")) for p in prompts).items()))
+    return stats
 
 
 def train_result(progress: Progress, stage: int) -> dict:

@@ -13,12 +13,23 @@ from cropi.runtime.tasks import Executor
 
 
 class JobExecutors:
-    def __init__(self, store: ObjectStore):
+    def __init__(self, store: ObjectStore, track: bool = False):
+        """`track` (a worker service): train tasks also log to their job's trackers from this process
+        (`tracked.py`); the embedded run tracks in its own process instead."""
         self.cache = JobCache(store)
         self.inline = InlineExecutor(self.cache)
+        self.track = track
         self._ray = None
 
     def __call__(self, job: str) -> Executor:
+        executor = self._executor(job)
+        if self.track:
+            from cropi.executors.tracked import TrackedExecutor
+
+            return TrackedExecutor(executor, self.cache)
+        return executor
+
+    def _executor(self, job: str) -> Executor:
         if self.cache.spec(job).executor != "ray":
             return self.inline
         if self._ray is None:

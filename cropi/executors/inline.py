@@ -33,6 +33,7 @@ from cropi.curriculum.stage import TrainerJournal, run_train_task
 from cropi.data.access import data_access
 from cropi.data.sources import JobData, load_job_data
 from cropi.devices import resolve_device, resolve_dtype
+from cropi.executors.report import StageReport
 from cropi.models.loading import load_policy
 from cropi.rl.trainer import GRPOTrainer
 from cropi.rollout.hf import HFRolloutEngine
@@ -192,6 +193,8 @@ class InlineExecutor:
         cache = self.cache
         policy = cache.fresh_policy(task.job)
         journal = TrainerJournal(cache.store, ctx.jobs, task.job, ctx.heartbeat, ctx.observer)
+        journal.on_stage_end = StageReport(cache.store, cache.spec(task.job), list(cache.data(task.job).validation),
+                                           job_warning(ctx.jobs, task.job))
         state = journal.load()
         if state is not None:
             policy.load_state_dict(state["policy"])

@@ -29,7 +29,8 @@ from cropi.curriculum.selection import stored_selection
 from cropi.curriculum.stage import TrainerJournal, run_train_task
 from cropi.curriculum.state import Progress
 from cropi.data.sources import JobData
-from cropi.executors.inline import JobCache
+from cropi.executors.inline import JobCache, job_warning
+from cropi.executors.report import StageReport
 from cropi.runtime.jobs import JobRegistry
 from cropi.runtime.tasks import TaskContext, TrainTask
 from cropi.spec import JobSpec
@@ -146,6 +147,7 @@ def stage_worker(config: dict) -> dict | None:
     # Only rank 0 keeps the journal; every rank reads the stored state (nobody writes it before
     # the first save below) and follows the same progress.
     journal = TrainerJournal(store, jobs, job, heartbeat=lambda: None, keeper=rank == 0)
+    journal.on_stage_end = StageReport(store, spec, list(data.validation), job_warning(jobs, job))
     state = journal.load()
     if state is not None:
         trainer.load_state(store, state["zero"])
