@@ -6,7 +6,6 @@ options shown as plain flags in every command's --help."""
 from __future__ import annotations
 
 import re
-import sys
 import tomllib
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from cropi.estimate import estimate, llama_parameters, model_parameters
 from cropi.spec import parse_spec
 from cropi.spec_overrides import load_spec_with
 
+from .cli_in_process import run_cropi
 from .jobs import tiny_job
 
 SECRET = "s3cr3t-value-xyz"
@@ -31,19 +31,7 @@ JOB = tiny_job(name="habits", device="cpu",
                      "validation": [{"name": "add1", "source": "builtin:arith?skills=add&digits=1", "size": 8}]})
 
 
-def cropi_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`cropi ARGS` in this process: (exit code, stdout + stderr with line wraps undone)."""
-    from services.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["cropi", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, " ".join((out.out + out.err).split())
+cropi_cli = run_cropi
 
 
 @pytest.fixture

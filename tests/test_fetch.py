@@ -26,6 +26,7 @@ from cropi.spec import parse_spec
 from services.controller.api import create_app
 from services.controller.tenancy import DEFAULT_TENANT, Identity, Tenants
 
+from .cli_in_process import run_cropi
 from .controller_http import serve_app
 from .jobs import tiny_job
 
@@ -63,21 +64,11 @@ def _controller(redis_server, finished_run, tmp_path, report: bool):
 
 
 def cropi(monkeypatch, capsys, *args, token=OWNER, controller=None) -> tuple[int, str]:
-    """`cropi ARGS` in this process: (exit code, stdout + stderr with its line wraps undone)."""
-    from services.cli import main
-
+    """`cropi ARGS` in this process, as `token` (and at `controller`)."""
     monkeypatch.setenv("CROPI_TOKEN", token)
     if controller:
         monkeypatch.setenv("CROPI_CONTROLLER", controller)
-    monkeypatch.setattr(sys, "argv", ["cropi", *args])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, " ".join((out.out + out.err).split())
+    return run_cropi(monkeypatch, capsys, *args)
 
 
 def test_fetch_then_plot_and_inspect(redis_server, finished_run, tmp_path, monkeypatch, capsys):
