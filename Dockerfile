@@ -43,7 +43,7 @@ COPY operators ./operators
 RUN python -m venv /opt/venv \
  && echo "torch==${TORCH_VERSION}" > /opt/torch-constraint.txt \
  && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir --constraint /opt/torch-constraint.txt ".[ray,operator]"
+ && pip install --no-cache-dir --constraint /opt/torch-constraint.txt ".[ray,operator,tracking]"
 
 FROM base AS cpu
 LABEL org.opencontainers.image.title="cropi (CPU)" \
@@ -96,7 +96,7 @@ COPY pyproject.toml README.md ./
 COPY cropi ./cropi
 COPY services ./services
 COPY operators ./operators
-RUN pip install --no-cache-dir --constraint /opt/torch-constraint.txt ".[ray,operator,gpu]"
+RUN pip install --no-cache-dir --constraint /opt/torch-constraint.txt ".[ray,operator,tracking,gpu]"
 
 # torch's wheels bring their own CUDA 13 libraries (cuBLAS, cuDNN, NCCL), so the
 # final stage needs only the CUDA base image (driver hooks), not the runtime image.
