@@ -20,7 +20,7 @@ import httpx
 from cropi.runtime.redis_server import RedisServer, free_port
 from cropi.spec import parse_spec
 
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123456789"
 
 
 def _percentile(values: list[float], q: float) -> float:
