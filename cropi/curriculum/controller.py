@@ -172,11 +172,10 @@ class Controller:
         """The job's view for the stage machine: with a loader, None while its data loads elsewhere."""
         if job in self._views or self.loader is None:
             return self.view(job)
-        spec = self._stored_spec(job)
-        data = self.loader.ready(job, spec)
-        if data is None:
+        loaded = self.loader.ready(job, lambda: self._stored_spec(job))
+        if loaded is None:
             return None
-        self._views[job] = self._new_view(job, spec, data)
+        self._views[job] = self._new_view(job, *loaded)
         return self._views[job]
 
     def _stored_spec(self, job: str) -> JobSpec:

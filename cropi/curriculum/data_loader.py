@@ -38,14 +38,16 @@ class JobDataLoader:
         self.load = load
         self.budget_s = budget_from_env() if budget_s is None else budget_s
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="job-data")
-        self._loading: dict[str, tuple[Future[JobData], float]] = {}
+        self._loading: dict[str, tuple[Future[JobData], float, JobSpec]] = {}
 
-    def ready(self, job: str, spec: JobSpec) -> JobData | None:
-        """`job`'s data if loaded (its load's error re-raised), None while it loads. Past the budget
-        an InputError says so (the load thread finishes on its own; its result is dropped)."""
+    def ready(self, job: str, spec_of: Callable[[], JobSpec]) -> tuple[JobSpec, JobData] | None:
+        """`job`'s spec and data once loaded (its load's error re-raised), None while it loads;
+        `spec_of` is asked once, when the load starts. Past the budget an InputError says so (the
+        load thread finishes on its own; its result is dropped)."""
         if job not in self._loading:
-            self._loading[job] = (self._pool.submit(self.load, spec), time.monotonic())
-        future, started = self._loading[job]
+            spec = spec_of()
+            self._loading[job] = (self._pool.submit(self.load, spec), time.monotonic(), spec)
+        future, started, spec = self._loading[job]
         if not future.done():
             if time.monotonic() - started <= self.budget_s:
                 return None
@@ -53,7 +55,7 @@ class JobDataLoader:
             raise InputError(f"loading the job's data took longer than {self.budget_s:.0f} s ({BUDGET_ENV}); "
                              "use smaller data sources or sizes")
         self._loading.pop(job)
-        return future.result()
+        return spec, future.result()
 
     def forget(self, job: str) -> None:
         self._loading.pop(job, None)

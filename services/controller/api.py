@@ -187,13 +187,17 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
         errors = [{k: v for k, v in e.items() if k not in ("input", "url")} for e in exc.errors()]
         return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
-    def key_or_404(owner: str, name: str, registry: JobRegistry = jobs) -> str:
-        """The key of the tenant's job `name`; 404 if it has none of that name (another tenant's
-        job of that name is as absent as one that never was)."""
+    def record_or_404(owner: str, name: str, registry: JobRegistry = jobs) -> tuple[str, dict[str, Any]]:
+        """The key and record of the tenant's job `name`; 404 if it has none of that name (another
+        tenant's job of that name is as absent as one that never was)."""
         key = job_key(owner, name)
-        if not is_label(name) or registry.get(key) is None:
+        rec = registry.get(key) if is_label(name) else None
+        if rec is None:
             raise HTTPException(404, f"no job named {name!r}" if is_label(name) else "no job of that name")
-        return key
+        return key, rec
+
+    def key_or_404(owner: str, name: str, registry: JobRegistry = jobs) -> str:
+        return record_or_404(owner, name, registry)[0]
 
     @app.post("/v1/jobs", status_code=201, response_model=JobStatus, responses={
         409: {"description": "a job of that name exists with another spec"},
@@ -223,12 +227,12 @@ def create_app(bus: TaskBus, jobs: JobRegistry, store: ObjectStore, token: str |
 
     @app.get("/v1/jobs/{name}", response_model=JobStatus)
     def get_job(name: str, owner: str = Depends(tenant)) -> JobStatus:
-        return _status(jobs.get(key_or_404(owner, name)))
+        return _status(record_or_404(owner, name)[1])
 
     @app.post("/v1/jobs/{name}/cancel", status_code=202, response_model=JobStatus)
     def cancel(name: str, owner: str = Depends(tenant)) -> JobStatus:
-        key = key_or_404(owner, name)
-        if jobs.get(key)["phase"] not in TERMINAL:
+        key, rec = record_or_404(owner, name)
+        if rec["phase"] not in TERMINAL:
             jobs.request_cancel(key)
         return _status(jobs.get(key))
 
